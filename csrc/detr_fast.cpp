@@ -1,0 +1,37 @@
+// The one registration point of detr_fast's operators: every schema on one screen.
+// Kernels live in csrc/<op>/<op>_cpu.cpp (TORCH_LIBRARY_IMPL(detr_fast, CPU, m)) and csrc/<op>/<op>_cuda.cu
+// (TORCH_LIBRARY_IMPL(detr_fast, CUDA, m)); the dispatcher picks the device. Python wrappers with fake tensors
+// and autograd are in detr_fast/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing detr_fast._C loads this library and with it the registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(detr_fast, m) {
+  // Box kernels (csrc/box_ops). logits [*, B, Q, C], pred_boxes [*, B, Q, 4], labels [B, T], boxes [B, T, 4],
+  // num_targets [B] -> cost [*, B, Q, T] (fp32; fp64 for fp64 input), padded columns +inf.
+  m.def(
+      "matching_cost(Tensor logits, Tensor pred_boxes, Tensor labels, Tensor boxes, Tensor num_targets, "
+      "float w_class, float w_bbox, float w_giou) -> Tensor");
+  // pred [N, 4], target [N, 4] (cxcywh) -> (l1 [N], giou_loss [N]).
+  m.def("box_loss(Tensor pred, Tensor target) -> (Tensor, Tensor)");
+  m.def("box_loss_backward(Tensor grad_l1, Tensor grad_giou, Tensor pred, Tensor target) -> Tensor");
+
+  // Linear assignment (csrc/assignment). cost [*, B, Q, T], num_targets [B] -> assignment [*, B, Q] int64.
+  m.def("linear_assignment(Tensor cost, Tensor num_targets) -> Tensor");
+
+  // Fused attention (csrc/attention). q [B, H, Lq, D], k/v [B, H, Lk, D], mask [B, Lk] bool (True = padded).
+  // Returns (out [B, H, Lq, D], lse [B, H, Lq] fp32). seed/offset key the Philox dropout stream.
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, int seed, int offset) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_padding_mask, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,10 @@
+"""detr_fast's operators. Each runs the CUDA kernel for CUDA tensors, the C++ kernel for CPU tensors, and the
+reference in detr_fast.ops.reference when the extension (or that device's kernel) was not built."""
+from detr_fast.ops import reference
+from detr_fast.ops._ext import backends, extension_loaded, has_kernel
+from detr_fast.ops.assignment import linear_assignment
+from detr_fast.ops.attention import attention
+from detr_fast.ops.box import box_loss, matching_cost
+
+__all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "reference", "backends",
+           "extension_loaded", "has_kernel"]

@@ -1,0 +1,176 @@
+"""Reference implementations of every detr_fast op: plain PyTorch (and scipy for the assignment).
+
+This module is the oracle: tests, `detr-fast validate` and the benchmarks compare the kernels with these functions,
+and `model.kernels: reference` trains with them. Each function has the same signature as its op in detr_fast.ops.
+They favour clarity over speed and may synchronize with the device (the assignment copies to the host).
+
+Box conventions: boxes are (cx, cy, w, h), normalized to [0, 1] by the image size; GIoU uses GIOU_EPS below.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Added to the union and to the enclosing area before dividing, so that degenerate boxes (zero width or height,
+# both boxes empty) give finite GIoU and gradients. The same constant is used by csrc/common/box_math.h.
+GIOU_EPS = 1e-7
+
+
+def box_cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1)."""
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def box_xyxy_to_cxcywh(b: torch.Tensor) -> torch.Tensor:
+    """[..., 4] (x0, y0, x1, y1) -> [..., 4] (cx, cy, w, h)."""
+    x0, y0, x1, y1 = b.unbind(-1)
+    return torch.stack(((x0 + x1) * 0.5, (y0 + y1) * 0.5, x1 - x0, y1 - y0), dim=-1)
+
+
+def _giou_parts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of xyxy boxes a [..., 4] and b [..., 4] that broadcast against each other."""
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    iw = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    ih = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = iw * ih
+    union = area_a + area_b - inter
+    iou = inter / (union + GIOU_EPS)
+    cw = (torch.maximum(a[..., 2], b[..., 2]) - torch.minimum(a[..., 0], b[..., 0])).clamp(min=0)
+    ch = (torch.maximum(a[..., 3], b[..., 3]) - torch.minimum(a[..., 1], b[..., 1])).clamp(min=0)
+    area_c = cw * ch
+    return iou - (area_c - union) / (area_c + GIOU_EPS)
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise GIoU of cxcywh boxes: a [..., N, 4], b [..., M, 4] -> [..., N, M]."""
+    return _giou_parts(box_cxcywh_to_xyxy(a)[..., :, None, :], box_cxcywh_to_xyxy(b)[..., None, :, :])
+
+
+def elementwise_giou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GIoU of matching cxcywh boxes: a [..., 4], b [..., 4] -> [...]."""
+    return _giou_parts(box_cxcywh_to_xyxy(a), box_cxcywh_to_xyxy(b))
+
+
+def _check_targets(labels: torch.Tensor, boxes: torch.Tensor, num_targets: torch.Tensor, batch: int) -> None:
+    if labels.dim() != 2 or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 [B, T], got {labels.dtype} {tuple(labels.shape)}")
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[:2] != labels.shape:
+        raise ValueError(f"boxes must be [B, T, 4] matching labels {tuple(labels.shape)}, got {tuple(boxes.shape)}")
+    if num_targets.shape != (labels.shape[0],) or num_targets.dtype != torch.int64:
+        raise ValueError(f"num_targets must be int64 [B], got {num_targets.dtype} {tuple(num_targets.shape)}")
+    if labels.shape[0] != batch:
+        raise ValueError(f"targets hold {labels.shape[0]} images but the predictions {batch}")
+    if bool(((num_targets < 0) | (num_targets > labels.shape[1])).any()):
+        raise ValueError(f"num_targets must lie in [0, T={labels.shape[1]}], got {num_targets.tolist()}")
+
+
+def matching_cost(logits, pred_boxes, labels, boxes, num_targets, w_class=1.0, w_bbox=5.0, w_giou=2.0):
+    """DETR's matching cost for every (query, target) pair of every image.
+
+    logits [*, B, Q, C] and pred_boxes [*, B, Q, 4] (any leading dims, e.g. the L decoder layers); labels [B, T]
+    int64, boxes [B, T, 4] cxcywh, num_targets [B] int64 -> cost [*, B, Q, T], float32 (float64 for float64
+    logits):  w_bbox * L1 - w_class * softmax(logits)[label] - w_giou * GIoU. Columns t >= num_targets[b] hold +inf.
+    """
+    if logits.dim() < 3 or pred_boxes.shape != (*logits.shape[:-1], 4):
+        raise ValueError(f"logits [*, B, Q, C] and pred_boxes [*, B, Q, 4] expected, got "
+                         f"{tuple(logits.shape)} and {tuple(pred_boxes.shape)}")
+    _check_targets(labels, boxes, num_targets, logits.shape[-3])
+    num_classes = logits.shape[-1]
+    valid = torch.arange(labels.shape[1], device=labels.device)[None, :] < num_targets[:, None]  # [B, T]
+    if bool(((labels < 0) | (labels >= num_classes))[valid].any()):
+        raise ValueError(f"labels must lie in [0, {num_classes}) for real targets")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    prob = logits.to(dtype).softmax(-1)  # [*, B, Q, C]
+    pred = pred_boxes.to(dtype)
+    tgt = boxes.to(dtype)
+    B, T = labels.shape
+    Q = logits.shape[-2]
+    index = labels.clamp(0, num_classes - 1)[:, None, :].expand(*logits.shape[:-2], Q, T)
+    cost_class = -prob.gather(-1, index)  # [*, B, Q, T]
+    cost_bbox = (pred[..., :, None, :] - tgt[:, None, :, :]).abs().sum(-1)  # [*, B, Q, T]
+    cost_giou = -generalized_box_iou(pred, tgt)  # [*, B, Q, T]
+    cost = w_bbox * cost_bbox + w_class * cost_class + w_giou * cost_giou
+    return cost.masked_fill(~valid[:, None, :], float("inf"))
+
+
+def linear_assignment(cost, num_targets):
+    """Optimal one-to-one assignment of the num_targets[b] first targets of each image to distinct queries.
+
+    cost [*, B, Q, T] (any leading dims), num_targets [B] int64 -> assignment [*, B, Q] int64 on cost's device:
+    the target index matched to each query, -1 for none. Minimizes the total cost (scipy's
+    linear_sum_assignment per problem, on the costs converted to float64). Raises ValueError for NaN or infinite
+    costs among the real targets, or for num_targets above Q.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if cost.dim() < 3:
+        raise ValueError(f"cost must be [*, B, Q, T], got {tuple(cost.shape)}")
+    B, Q, T = cost.shape[-3:]
+    if num_targets.shape != (B,):
+        raise ValueError(f"num_targets must be [B={B}], got {tuple(num_targets.shape)}")
+    n = num_targets.detach().cpu().numpy()
+    if (n < 0).any() or (n > T).any():
+        raise ValueError(f"num_targets must lie in [0, T={T}], got {n.tolist()}")
+    if (n > Q).any():
+        raise ValueError(f"more targets than queries: num_targets {n.max()} > Q={Q}")
+    c = cost.detach().to("cpu", torch.float64).reshape(-1, B, Q, T).numpy()
+    out = np.full((c.shape[0], B, Q), -1, dtype=np.int64)
+    for p in range(c.shape[0]):
+        for b in range(B):
+            k = int(n[b])
+            if k == 0:
+                continue
+            sub = c[p, b, :, :k]
+            if not np.isfinite(sub).all():
+                raise ValueError("cost holds NaN or infinite values among real targets")
+            rows, cols = linear_sum_assignment(sub)
+            out[p, b, rows] = cols
+    return torch.from_numpy(out).reshape(*cost.shape[:-1]).to(cost.device)
+
+
+def box_loss(pred, target):
+    """Per-pair box losses: pred [N, 4], target [N, 4] cxcywh -> (l1 [N], giou_loss [N]).
+
+    l1 is the sum over the four coordinates of |pred - target|; giou_loss = 1 - GIoU(pred, target).
+    """
+    if pred.shape != target.shape or pred.dim() != 2 or pred.shape[-1] != 4:
+        raise ValueError(f"pred and target must both be [N, 4], got {tuple(pred.shape)} and {tuple(target.shape)}")
+    l1 = (pred - target).abs().sum(-1)
+    return l1, 1 - elementwise_giou(pred, target)
+
+
+def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, *, dropout_mask=None):
+    """Scaled dot-product attention over heads.
+
+    q [B, H, Lq, D], k and v [B, H, Lk, D], key_padding_mask [B, Lk] bool (True = padded key, never attended).
+    Returns [B, H, Lq, D] in q's dtype. A query whose keys are all padded gets output 0 (and zero gradients).
+    Dropout on the attention weights: dropout_mask [B, H, Lq, Lk] bool (True = kept) applies that mask, scaled by
+    1 / (1 - dropout_p); otherwise dropout_p > 0 draws one with torch's generator.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q [B,H,Lq,D], k/v [B,H,Lk,D] expected, got {tuple(q.shape)} {tuple(k.shape)} "
+                         f"{tuple(v.shape)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    empty = None
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (q.shape[0], k.shape[2]) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool [B, Lk], got {key_padding_mask.dtype} "
+                             f"{tuple(key_padding_mask.shape)}")
+        empty = key_padding_mask.all(-1)  # [B]: images whose every key is padding
+        mask = key_padding_mask & ~empty[:, None]
+        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    out = torch.matmul(probs, v)
+    if empty is not None:
+        out = out * (~empty).to(out.dtype)[:, None, None, None]
+    return out
