@@ -1,0 +1,223 @@
+"""Typed configuration: YAML files in configs/ read into dataclasses, with type-checked `section.key=value`
+overrides. Unknown sections or keys are errors, so a typo never silently falls back to a default.
+
+    cfg = load_config("configs/shapes.yaml", overrides=["train.epochs=3", "model.kernels=reference"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # resnet50 | resnet34 | resnet18 | light
+    backbone_weights: str = ""  # local torchvision-format state dict for the trunk; nothing is downloaded
+    frozen_bn: bool = True  # FrozenBatchNorm2d in resnets (the paper); the light trunk trains its BatchNorm
+    light_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # light trunk, stride 16
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048
+    dropout: float = 0.1
+    num_queries: int = 100
+    num_classes: int = 91  # class ids 0..num_classes-1; index num_classes is "no object"
+    aux_loss: bool = True
+    kernels: str = "fused"  # fused | reference: box kernels and assignment (reference = plain PyTorch + scipy)
+    attention: str = "fused"  # fused | reference (reference = nn.MultiheadAttention's math)
+
+
+@dataclass
+class LossConfig:
+    set_cost_class: float = 1.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    ce_loss_coef: float = 1.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    eos_coef: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "coco"  # coco | shapes
+    root: str = "data/coco"  # COCO layout: {train2017,val2017}/ and annotations/instances_{train,val}2017.json
+    train_images: str = ""  # explicit paths override the layout under root
+    train_ann: str = ""
+    val_images: str = ""
+    val_ann: str = ""
+    pipeline: str = "auto"  # auto | torch | dali (auto: dali where a GPU and DALI exist, else torch)
+    batch_size: int = 2
+    num_workers: int = 2
+    # DETR's augmentations: flip; short side from `scales`, long side <= max_size; with p=0.5 resize to
+    # crop_resize, random crop of crop_min..crop_max, then the multi-scale resize.
+    scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333
+    crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    val_size: int = 800
+    # shapes dataset generator (python -m detr_fast make-shapes)
+    shapes_train: int = 4000
+    shapes_val: int = 500
+    shapes_image_size: int = 128
+    shapes_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    lr: float = 1e-4
+    lr_backbone: float = 1e-5
+    weight_decay: float = 1e-4
+    lr_drop: int = 200  # epoch at which the LR drops 10x
+    clip_max_norm: float = 0.1
+    amp: str = "none"  # none | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 42
+    output_dir: str = "runs/detr"
+    resume: str = ""  # checkpoint path to continue from
+    pretrained: str = ""  # official DETR or detr_fast checkpoint to start from
+    eval_every: int = 1  # epochs between COCO evaluations (the last epoch is always evaluated)
+    log_every: int = 20  # steps between loss read-backs from the device
+    max_steps_per_epoch: int = 0  # 0 = the whole epoch
+    time_limit_min: float = 0.0  # 0 = none; otherwise stop after the epoch that crosses it
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _convert(value, typ, where: str):
+    """Check and convert a YAML/override value to the field's declared type."""
+    origin = typing.get_origin(typ)
+    if origin is list:
+        (inner,) = typing.get_args(typ)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_convert(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {typ}")
+
+
+def _section_types(section_cls) -> dict:
+    return typing.get_type_hints(section_cls)
+
+
+def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
+    hints = typing.get_type_hints(Config)
+    if section not in hints:
+        raise ConfigError(f"{where}: unknown section '{section}' (known: {', '.join(hints)})")
+    sec_obj = getattr(cfg, section)
+    types = _section_types(type(sec_obj))
+    if key not in types:
+        raise ConfigError(f"{where}: unknown key '{section}.{key}' (known: {', '.join(types)})")
+    setattr(sec_obj, key, _convert(value, types[key], f"{where} {section}.{key}"))
+
+
+CHOICES = {
+    ("model", "backbone"): ("resnet50", "resnet34", "resnet18", "light"),
+    ("model", "kernels"): ("fused", "reference"),
+    ("model", "attention"): ("fused", "reference"),
+    ("data", "dataset"): ("coco", "shapes"),
+    ("data", "pipeline"): ("auto", "torch", "dali"),
+    ("train", "amp"): ("none", "bf16", "fp16"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    for (sec, key), allowed in CHOICES.items():
+        v = getattr(getattr(cfg, sec), key)
+        if v not in allowed:
+            raise ConfigError(f"{sec}.{key} must be one of {allowed}, got {v!r}")
+    if cfg.model.hidden_dim % cfg.model.nheads:
+        raise ConfigError("model.hidden_dim must be divisible by model.nheads")
+    if cfg.model.num_classes < 1 or cfg.model.num_queries < 1:
+        raise ConfigError("model.num_classes and model.num_queries must be positive")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size must be positive")
+    return cfg
+
+
+def parse_override(text: str):
+    """'section.key=value' -> (section, key, value); the value is parsed as YAML (3, 1e-4, true, [1, 2], abc)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    lhs, rhs = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    value = yaml.safe_load(rhs) if rhs.strip() else ""
+    if value is None:
+        value = ""
+    # a bare number given for a string field (e.g. a path '2017') stays a string
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None: the built-in defaults) and apply `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        hints = typing.get_type_hints(Config)
+        if section in hints:
+            types = _section_types(type(getattr(cfg, section)))
+            if types.get(key) is str and not isinstance(value, str):
+                value = rhs_str(text)
+        _apply(cfg, section, key, value, "override")
+    return validate(cfg)
+
+
+def rhs_str(text: str) -> str:
+    return text.split("=", 1)[1].strip()
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a Config from Config.to_dict() (e.g. the one stored in a checkpoint)."""
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "checkpoint config")
+    return validate(cfg)
