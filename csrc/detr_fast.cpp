@@ -27,11 +27,16 @@ TORCH_LIBRARY(detr_fast, m) {
   m.def("linear_assignment(Tensor cost, Tensor num_targets) -> Tensor");
 
   // Fused attention (csrc/attention). q [B, H, Lq, D], k/v [B, H, Lk, D], mask [B, Lk] bool (True = padded).
-  // Returns (out [B, H, Lq, D], lse [B, H, Lq] fp32). seed/offset key the Philox dropout stream.
+  // Returns (out [B, H, Lq, D], lse [B, H, Lq] fp32 (fp64 for fp64 input), rng_state [2] int64 = (seed, offset) of
+  // the Philox dropout stream, on q's device). Without a seed, dropout draws (seed, offset) from the device's default
+  // generator; backward and attention_dropout_mask regenerate the same keep mask from rng_state.
   m.def(
-      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, int seed, int offset) "
-      "-> (Tensor, Tensor)");
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, int? seed=None, "
+      "int offset=0) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? key_padding_mask, float dropout_p, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+      "Tensor? key_padding_mask, float dropout_p, Tensor rng_state) -> (Tensor, Tensor, Tensor)");
+  // keep [B, H, Lq, Lk] bool (True = kept): the dropout mask the kernels apply for rng_state (tests).
+  m.def("attention_dropout_mask(Tensor rng_state, int B, int H, int Lq, int Lk, float dropout_p) -> Tensor");
 }

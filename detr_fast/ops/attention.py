@@ -1,9 +1,134 @@
-"""attention (kernels in csrc/attention)."""
+"""Fused multi-head attention with key padding mask and dropout (kernels in csrc/attention).
+
+    out = attention(q, k, v, key_padding_mask=None, dropout_p=0.0)
+
+q [B, H, Lq, D], k and v [B, H, Lk, D], key_padding_mask [B, Lk] bool (True = padded key, never attended),
+out [B, H, Lq, D] in q's dtype; softmax scale D ** -0.5, fp32 accumulation (fp64 for fp64 inputs on the CPU).
+A query whose keys are all padded gets output 0 and zero gradients, as in reference.attention.
+
+Backends: the CUDA kernels (head dims 32 and 64; fp32, fp16, bf16 with tensor cores for fp16/bf16), the C++ CPU
+kernel (any head dim, fp32/fp64/fp16/bf16) and reference.attention for anything else (with a one-time warning).
+Under autocast, fp32 inputs run in the autocast dtype.
+
+Dropout acts on the attention weights: a weight is kept with probability 1 - dropout_p and scaled by
+1 / (1 - dropout_p). The keep decisions come from a counter-based Philox stream keyed by (seed, offset) and the
+element's (b, h, i, j) index (csrc/common/philox.h), so the backward regenerates the forward's mask without
+storing it. Without an explicit seed, (seed, offset) are drawn from the device's default torch generator: on CUDA
+the generator's seed and a reserved offset range (philox_cuda_state, no host sync, CUDA-graph safe); on the CPU a
+seed drawn from the CPU generator. torch.manual_seed therefore makes runs reproducible. `attention_with_state`
+returns the (seed, offset) used, and `dropout_mask` rebuilds the keep mask from it.
+"""
 from __future__ import annotations
 
+import warnings
+
+import torch
+
 from detr_fast.ops import reference
+from detr_fast.ops._ext import extension_loaded, has_kernel
+
+CUDA_HEAD_DIMS = (32, 64)
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_HAS_KERNEL = {dev: has_kernel("attention", dev) for dev in ("cpu", "cuda")}
+_warned: set = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"detr_fast.ops.attention: {reason}; running reference.attention", stacklevel=3)
+
+
+def _fallback_reason(q: torch.Tensor) -> str | None:
+    """Why the fused kernel cannot take q (None when it can)."""
+    dev = q.device.type
+    if not _HAS_KERNEL.get(dev, False):
+        return f"no attention kernel built for device {dev}"
+    if dev == "cuda":
+        if q.shape[-1] not in CUDA_HEAD_DIMS:
+            return f"head dim {q.shape[-1]} on CUDA (fused kernels take {CUDA_HEAD_DIMS})"
+        if q.dtype not in CUDA_DTYPES:
+            return f"dtype {q.dtype} on CUDA (fused kernels take fp32, fp16, bf16)"
+    return None
+
+
+def _autocast(*ts: torch.Tensor) -> tuple:
+    """Cast fp32 tensors to the autocast dtype when autocast is on for their device."""
+    dev = ts[0].device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return tuple(t.to(dt) if t.dtype == torch.float32 else t for t in ts)
+    return ts
 
 
 def attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
-    """See reference.attention: q [B, H, Lq, D], k/v [B, H, Lk, D], mask [B, Lk] -> [B, H, Lq, D]."""
-    return reference.attention(q, k, v, key_padding_mask, dropout_p)
+    """Scaled dot-product attention over heads.
+
+    q [B, H, Lq, D], k/v [B, H, Lk, D], key_padding_mask [B, Lk] bool or None, dropout_p in [0, 1)
+    -> [B, H, Lq, D]. Differentiable in q, k, v.
+    """
+    if q.dim() == 4 and k.dim() == 4 and v.dim() == 4:
+        q, k, v = _autocast(q, k, v)
+    reason = _fallback_reason(q) if q.dim() == 4 else None
+    if reason is not None:
+        _warn_once(reason)
+        return reference.attention(q, k, v, key_padding_mask, dropout_p)
+    out, _, _ = torch.ops.detr_fast.attention(q, k, v, key_padding_mask, float(dropout_p))
+    return out
+
+
+def attention_with_state(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None, offset=0):
+    """The kernel op itself: -> (out [B, H, Lq, D], lse [B, H, Lq], rng_state [2] int64 = (seed, offset)).
+
+    Differentiable in q, k, v through `out` (lse is not differentiable). With `seed` given, dropout uses the
+    stream (seed, offset) instead of drawing from the generator (deterministic; for tests and opcheck).
+    """
+    return torch.ops.detr_fast.attention(q, k, v, key_padding_mask, float(dropout_p), seed, offset)
+
+
+def dropout_mask(rng_state, B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
+    """keep [B, H, Lq, Lk] bool (True = kept): the dropout mask the kernels apply for rng_state, on its device."""
+    return torch.ops.detr_fast.attention_dropout_mask(rng_state, B, H, Lq, Lk, float(dropout_p))
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _register() -> None:
+    @torch.library.register_fake("detr_fast::attention")
+    def _attention_fake(q, k, v, key_padding_mask, dropout_p, seed=None, offset=0):
+        torch._check(q.dim() == 4 and k.dim() == 4 and k.shape == v.shape, lambda: "attention: bad shapes")
+        B, H, Lq, _ = q.shape
+        return (q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=_lse_dtype(q)),
+                q.new_empty((2,), dtype=torch.int64))
+
+    @torch.library.register_fake("detr_fast::attention_backward")
+    def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, dropout_p, rng_state):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("detr_fast::attention_dropout_mask")
+    def _dropout_mask_fake(rng_state, B, H, Lq, Lk, dropout_p):
+        return rng_state.new_empty((B, H, Lq, Lk), dtype=torch.bool)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, key_padding_mask, dropout_p = inputs[:5]
+        out, lse, rng_state = output
+        ctx.save_for_backward(q, k, v, out, lse, rng_state, key_padding_mask)
+        ctx.dropout_p = dropout_p
+
+    def _backward(ctx, grad_out, grad_lse, grad_rng):
+        # grad_lse is ignored: lse is an auxiliary output for the backward, not part of the differentiable result.
+        q, k, v, out, lse, rng_state, key_padding_mask = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.detr_fast.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask,
+                                                            ctx.dropout_p, rng_state)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd("detr_fast::attention", _backward, setup_context=_setup_context)
+
+
+if extension_loaded():
+    _register()

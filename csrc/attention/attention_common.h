@@ -1,0 +1,80 @@
+// Argument checks and dropout-stream bookkeeping shared by the CPU and CUDA attention kernels.
+//
+// Contract (see detr_fast/ops/attention.py): q [B, H, Lq, D], k and v [B, H, Lk, D], one floating dtype;
+// key_padding_mask [B, Lk] bool with True = padded key; out [B, H, Lq, D] in q's dtype; lse [B, H, Lq] holds the
+// natural-log sum of exp(scale * q.k) over the unpadded keys (fp32, fp64 for fp64 input), -inf for a query whose
+// keys are all padded (its output and gradients are 0); rng_state [2] int64 = (seed, offset) of the dropout stream
+// (philox.h), (0, 0) when dropout_p == 0.
+#pragma once
+#include <optional>
+
+#include "common/checks.h"
+#include "common/philox.h"
+
+namespace detr_fast {
+
+inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& mask, double dropout_p) {
+  check_dim(q, 4, "attention: q");
+  check_dim(k, 4, "attention: k");
+  check_dim(v, 4, "attention: v");
+  DETR_CHECK(k.sizes() == v.sizes(), "attention: k and v must have the same shape [B, H, Lk, D], got ", k.sizes(),
+             " and ", v.sizes());
+  DETR_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+             "attention: q [B, H, Lq, D] and k [B, H, Lk, D] disagree in B, H or D: ", q.sizes(), " vs ", k.sizes());
+  DETR_CHECK(q.size(3) > 0, "attention: head dim D must be positive");
+  check_float(q, "attention: q");
+  DETR_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+             "attention: q, k and v must share one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+             v.scalar_type());
+  check_same_device(q, k, "attention: q", "k");
+  check_same_device(q, v, "attention: q", "v");
+  DETR_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention: dropout_p must lie in [0, 1), got ", dropout_p);
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    DETR_CHECK(m.scalar_type() == at::kBool, "attention: key_padding_mask must be bool, got ", m.scalar_type());
+    DETR_CHECK(m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == k.size(2),
+               "attention: key_padding_mask must have shape [B, Lk] = [", q.size(0), ", ", k.size(2), "], got ",
+               m.sizes());
+    check_same_device(q, m, "attention: q", "key_padding_mask");
+  }
+}
+
+inline void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                            const std::optional<at::Tensor>& mask, double dropout_p,
+                                            const at::Tensor& rng_state) {
+  check_attention_inputs(q, k, v, mask, dropout_p);
+  DETR_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
+             "attention_backward: grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(),
+             " and ", out.sizes());
+  DETR_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+             "attention_backward: grad_out and out must have q's dtype ", q.scalar_type());
+  DETR_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+             "attention_backward: lse must have shape [B, H, Lq], got ", lse.sizes());
+  DETR_CHECK(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+             "attention_backward: lse must be float32 (float64 for float64 inputs), got ", lse.scalar_type());
+  DETR_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2,
+             "attention_backward: rng_state must be int64 [2], got ", rng_state.scalar_type(), " ",
+             rng_state.sizes());
+  check_same_device(q, grad_out, "attention_backward: q", "grad_out");
+  check_same_device(q, out, "attention_backward: q", "out");
+  check_same_device(q, lse, "attention_backward: q", "lse");
+  check_same_device(q, rng_state, "attention_backward: q", "rng_state");
+}
+
+inline void check_dropout_mask_args(const at::Tensor& rng_state, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
+                                    double dropout_p) {
+  DETR_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2,
+             "attention_dropout_mask: rng_state must be int64 [2], got ", rng_state.scalar_type(), " ",
+             rng_state.sizes());
+  DETR_CHECK(B >= 0 && H >= 0 && Lq >= 0 && Lk >= 0, "attention_dropout_mask: sizes must be non-negative");
+  DETR_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention_dropout_mask: dropout_p must lie in [0, 1), got ",
+             dropout_p);
+}
+
+inline at::ScalarType lse_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace detr_fast

@@ -1,0 +1,51 @@
+// Shared declarations of the CUDA attention kernels: the launch parameters and one launcher per (dtype, head dim).
+// The kernels themselves are in attention_kernels.cuh (tensor cores, fp16/bf16) and attention_cuda_f32.cu (fp32).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include <ATen/cuda/PhiloxCudaState.h>
+
+namespace detr_fast {
+
+struct AttnParams {
+  // q [B, H, Lq, D], k/v [B, H, Lk, D] with unit stride in D; other strides in elements (multiples of 8, and
+  // 16-byte aligned base pointers, for the vectorized tile loads).
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_sb, q_sh, q_sl;
+  int64_t k_sb, k_sh, k_sl;
+  int64_t v_sb, v_sh, v_sl;
+  const bool* mask;  // [B, Lk] contiguous, True = padded; nullptr when none
+  int B, H, Lq, Lk;
+  float scale;       // D ** -0.5
+  float scale_log2;  // D ** -0.5 * log2(e)
+  float keep_scale;  // 1 / (1 - dropout_p)
+  uint32_t threshold;  // a weight is kept when its Philox word >= threshold
+  bool dropout;
+  // Forward.
+  at::PhiloxCudaState philox;  // unpacked in the kernel (CUDA-graph safe)
+  int64_t* rng_out;            // [2] (seed, offset), written by the forward
+  void* out;                   // [B, H, Lq, D] contiguous
+  float* lse;                  // [B, H, Lq] natural log; -inf for a query without unpadded keys
+  // Backward.
+  const int64_t* rng_in;  // [2] (seed, offset) from the forward
+  const void* o;          // forward output [B, H, Lq, D] contiguous
+  const void* dout;       // [B, H, Lq, D] contiguous
+  const float* lse_in;    // [B, H, Lq]
+  float* delta;           // [B, H, Lq] scratch: rowsum(dout * out)
+  void* dq;               // [B, H, Lq, D] contiguous
+  void* dk;               // [B, H, Lk, D] contiguous
+  void* dv;               // [B, H, Lk, D] contiguous
+};
+
+// T is __half or __nv_bfloat16 (tensor-core kernels) or float (FMA kernels); D is 32 or 64.
+template <typename T, int D>
+void attn_launch_forward(const AttnParams& p, cudaStream_t stream);
+// Runs the dQ kernel (which also writes delta) and then the dK/dV kernel.
+template <typename T, int D>
+void attn_launch_backward(const AttnParams& p, cudaStream_t stream);
+
+}  // namespace detr_fast
