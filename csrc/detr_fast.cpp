@@ -28,11 +28,13 @@ TORCH_LIBRARY(detr_fast, m) {
 
   // Fused attention (csrc/attention). q [B, H, Lq, D], k/v [B, H, Lk, D], mask [B, Lk] bool (True = padded).
   // Returns (out [B, H, Lq, D], lse [B, H, Lq] fp32 (fp64 for fp64 input), rng_state [2] int64 = (seed, offset) of
-  // the Philox dropout stream, on q's device). Without a seed, dropout draws (seed, offset) from the device's default
-  // generator; backward and attention_dropout_mask regenerate the same keep mask from rng_state.
+  // the Philox dropout stream, out_f32: out before rounding, fp32 [B, H, Lq, D] for fp16/bf16 inputs and empty
+  // otherwise), all on q's device. Without a seed, dropout draws (seed, offset) from the device's default generator;
+  // backward and attention_dropout_mask regenerate the same keep mask from rng_state. The backward's `out` is
+  // out_f32 for fp16/bf16 inputs and out otherwise (its rowsum(grad_out * out) then carries no output rounding).
   m.def(
       "attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask, float dropout_p, int? seed=None, "
-      "int offset=0) -> (Tensor, Tensor, Tensor)",
+      "int offset=0) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "

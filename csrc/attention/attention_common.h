@@ -4,7 +4,8 @@
 // key_padding_mask [B, Lk] bool with True = padded key; out [B, H, Lq, D] in q's dtype; lse [B, H, Lq] holds the
 // natural-log sum of exp(scale * q.k) over the unpadded keys (fp32, fp64 for fp64 input), -inf for a query whose
 // keys are all padded (its output and gradients are 0); rng_state [2] int64 = (seed, offset) of the dropout stream
-// (philox.h), (0, 0) when dropout_p == 0.
+// (philox.h), (0, 0) when dropout_p == 0; out_f32 = out before rounding (fp32) for fp16/bf16 inputs, else empty.
+// attention_backward takes as `out` the forward's out_f32 for fp16/bf16 inputs and out otherwise.
 #pragma once
 #include <optional>
 
@@ -40,6 +41,18 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   }
 }
 
+// dtype of the `out` that attention_backward takes: fp32 for fp16/bf16 inputs (the forward's out_f32), else q's.
+inline at::ScalarType out_dtype(const at::Tensor& q) {
+  const auto dt = q.scalar_type();
+  return (dt == at::kHalf || dt == at::kBFloat16) ? at::kFloat : dt;
+}
+
+// out_f32 of the forward: fp32 [B, H, Lq, D] for fp16/bf16 inputs, an empty fp32 tensor otherwise.
+inline at::Tensor make_out_f32(const at::Tensor& q) {
+  return out_dtype(q) == q.scalar_type() ? at::empty({0}, q.options().dtype(at::kFloat))
+                                         : at::empty(q.sizes(), q.options().dtype(at::kFloat));
+}
+
 inline void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                             const std::optional<at::Tensor>& mask, double dropout_p,
@@ -48,8 +61,10 @@ inline void check_attention_backward_inputs(const at::Tensor& grad_out, const at
   DETR_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
              "attention_backward: grad_out and out must have q's shape ", q.sizes(), ", got ", grad_out.sizes(),
              " and ", out.sizes());
-  DETR_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
-             "attention_backward: grad_out and out must have q's dtype ", q.scalar_type());
+  DETR_CHECK(grad_out.scalar_type() == q.scalar_type() && out.scalar_type() == out_dtype(q),
+             "attention_backward: grad_out must have q's dtype ", q.scalar_type(), " and out must be ", out_dtype(q),
+             " (the forward's out_f32 for fp16/bf16 inputs), got ", grad_out.scalar_type(), " and ",
+             out.scalar_type());
   DETR_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
              "attention_backward: lse must have shape [B, H, Lq], got ", lse.sizes());
   DETR_CHECK(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),

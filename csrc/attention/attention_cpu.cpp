@@ -43,7 +43,7 @@ bool key_padded(const bool* mask, int64_t b, int64_t Lk, int64_t j) { return mas
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
-                    at::Tensor& out, at::Tensor& lse, double dropout_p, Rng rng) {
+                    at::Tensor& out, at::Tensor& lse, float* out_f32, double dropout_p, Rng rng) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3);
   const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(static_cast<double>(D)));
@@ -74,6 +74,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         scalar_t* oi = op + (bh * Lq + i) * D;
         if (mx == -std::numeric_limits<acc_t>::infinity()) {  // no unpadded key: output 0, lse -inf
           for (int64_t d = 0; d < D; ++d) oi[d] = scalar_t(0);
+          if (out_f32 != nullptr)
+            for (int64_t d = 0; d < D; ++d) out_f32[(bh * Lq + i) * D + d] = 0.f;
           lp[bh * Lq + i] = mx;
           continue;
         }
@@ -91,13 +93,15 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<acc_t>(vb[j * D + d]);
         }
         for (int64_t d = 0; d < D; ++d) oi[d] = static_cast<scalar_t>(o[d]);
+        if (out_f32 != nullptr)
+          for (int64_t d = 0; d < D; ++d) out_f32[(bh * Lq + i) * D + d] = static_cast<float>(o[d]);
         lp[bh * Lq + i] = mx + std::log(sum);
       }
     }
   });
 }
 
-// Per query row: P = exp(s - lse), dZ = dO v^T, dP = dZ * keep / (1 - p), Z = P * keep / (1 - p),
+// `out` is not read: Drow is recomputed exactly from P and dP. Per query row: P = exp(s - lse), dZ = dO v^T, dP = dZ * keep / (1 - p), Z = P * keep / (1 - p),
 // Drow = sum_j P dP (computed directly, in the accumulation type), dS = P (dP - Drow);
 // dQ = scale dS K, dK = scale dS^T Q, dV = Z^T dO.
 template <typename scalar_t>
@@ -175,7 +179,7 @@ const bool* mask_ptr(const std::optional<at::Tensor>& mask, at::Tensor& holder) 
   return holder.const_data_ptr<bool>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                              const at::Tensor& v_in,
                                                              const std::optional<at::Tensor>& mask,
                                                              double dropout_p, std::optional<int64_t> seed,
@@ -184,6 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q)));
+  at::Tensor out_f32 = make_out_f32(q);
+  float* of = out_f32.numel() > 0 ? out_f32.mutable_data_ptr<float>() : nullptr;
   const Rng rng = cpu_dropout_state(dropout_p, seed, offset);
   at::Tensor rng_state = at::empty({2}, q.options().dtype(at::kLong));
   rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(rng.seed);
@@ -191,9 +197,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_cpu(const at::Tensor& q
   at::Tensor mask_holder;
   const bool* mp = mask_ptr(mask, mask_holder);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, mp, out, lse, dropout_p, rng);
+    forward_kernel<scalar_t>(q, k, v, mp, out, lse, of, dropout_p, rng);
   });
-  return {out, lse, rng_state};
+  return {out, lse, rng_state, out_f32};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
@@ -244,4 +250,10 @@ TORCH_LIBRARY_IMPL(detr_fast, CPU, m) {
   m.impl("attention", &detr_fast::attention_cpu);
   m.impl("attention_backward", &detr_fast::attention_backward_cpu);
   m.impl("attention_dropout_mask", &detr_fast::attention_dropout_mask_cpu);
+}
+
+// The backward and the mask op are not differentiable (no double backward): autograd passes through them.
+TORCH_LIBRARY_IMPL(detr_fast, Autograd, m) {
+  m.impl("attention_backward", torch::CppFunction::makeFallthrough());
+  m.impl("attention_dropout_mask", torch::CppFunction::makeFallthrough());
 }

@@ -30,9 +30,10 @@ struct AttnParams {
   int64_t* rng_out;            // [2] (seed, offset), written by the forward
   void* out;                   // [B, H, Lq, D] contiguous
   float* lse;                  // [B, H, Lq] natural log; -inf for a query without unpadded keys
+  float* out_f32;              // [B, H, Lq, D] fp32 copy of out before rounding (fp16/bf16), or nullptr
   // Backward.
   const int64_t* rng_in;  // [2] (seed, offset) from the forward
-  const void* o;          // forward output [B, H, Lq, D] contiguous
+  const float* o;         // forward output before rounding [B, H, Lq, D] fp32 contiguous
   const void* dout;       // [B, H, Lq, D] contiguous
   const float* lse_in;    // [B, H, Lq]
   float* delta;           // [B, H, Lq] scratch: rowsum(dout * out)

@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "attention/attention_cuda.cuh"
+#include "attention/attention_device.cuh"
 #include "common/philox.h"
 
 namespace detr_fast {
@@ -62,28 +63,6 @@ __device__ __forceinline__ float to_float<__half>(__half x) {
   return __half2float(x);
 }
 
-// c += a * b for one 16x8x16 tile.
-template <typename T>
-__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 template <typename T>
 __device__ __forceinline__ uint32_t ld32(const T* p) {
   return *reinterpret_cast<const uint32_t*>(p);
@@ -117,7 +96,7 @@ __device__ __forceinline__ void load_tile(const T* base, int64_t ld, int r0, int
     const int c = threadIdx.x + it * kThreads;
     const int r = c / kChunks, d = (c % kChunks) * 8;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (r0 + r < L) val = __ldg(reinterpret_cast<const uint4*>(base + static_cast<int64_t>(r0 + r) * ld + d));
+    if (r0 + r < L) val = dev::ldg16(base + static_cast<int64_t>(r0 + r) * ld + d);
     if (dst != nullptr) *reinterpret_cast<uint4*>(dst + r * (D + 8) + d) = val;
     if (dstT != nullptr) {
       const T* e = reinterpret_cast<const T*>(&val);
@@ -155,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
   }
 
   load_tile<T, kBlockM, D>(qb, p.q_sl, m0, p.Lq, Ks, nullptr);
-  __syncthreads();
+  dev::block_sync();
   uint32_t qa[KD][4];
 #pragma unroll
   for (int kk = 0; kk < KD; ++kk) load_a(qa[kk], Ks, DP, wr, kk * 16, g, t);
@@ -167,11 +146,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
   const int row0 = m0 + wr + g;  // this thread's rows: row0 and row0 + 8 (bit 3 of row0 is clear)
 
   for (int n0 = 0; n0 < p.Lk; n0 += kBlockN) {
-    __syncthreads();  // the previous tile (or Q) is no longer read
+    dev::block_sync();  // the previous tile (or Q) is no longer read
     load_tile<T, kBlockN, D>(kb, p.k_sl, n0, p.Lk, Ks, nullptr);
     load_tile<T, kBlockN, D>(vb, p.v_sl, n0, p.Lk, nullptr, Vt);
     if (tid < kBlockN) kbias[tid] = key_bias(p, b, n0 + tid);
-    __syncthreads();
+    dev::block_sync();
 
     float s[kBlockN / 8][4];
 #pragma unroll
@@ -181,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
       for (int kk = 0; kk < KD; ++kk) {
         uint32_t b0, b1;
         load_b(b0, b1, Ks, DP, nt * 8, kk * 16, g, t);
-        mma16816<T>(s[nt], qa[kk], b0, b1);
+        dev::mma16816<T>(s[nt], qa[kk], b0, b1);
       }
     }
     float mx[2] = {m_run[0], m_run[1]};
@@ -198,8 +177,8 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
     float mu[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      mx[r] = fmaxf(mx[r], dev::shfl_xor(mx[r], 1));
+      mx[r] = fmaxf(mx[r], dev::shfl_xor(mx[r], 2));
       mu[r] = mx[r] == -INFINITY ? 0.f : mx[r];  // no unpadded key yet: keep exp2 finite
       const float alpha = exp2f(m_run[r] - mu[r]);
       m_run[r] = mx[r];
@@ -235,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
       for (int dt = 0; dt < D / 8; ++dt) {
         uint32_t b0, b1;
         load_b(b0, b1, Vt, NP, dt * 8, kk * 16, g, t);
-        mma16816<T>(o[dt], pa, b0, b1);
+        dev::mma16816<T>(o[dt], pa, b0, b1);
       }
     }
   }
@@ -244,15 +223,18 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l += dev::shfl_xor(l, 1);
+    l += dev::shfl_xor(l, 2);
     const int row = row0 + 8 * r;
     if (row >= p.Lq) continue;
     const float inv = l > 0.f ? p.keep_scale / l : 0.f;
     const int64_t base = (static_cast<int64_t>(bh) * p.Lq + row) * D;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(ob + base + dt * 8 + 2 * t) = pack2<T>(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const float o0 = o[dt][2 * r] * inv, o1 = o[dt][2 * r + 1] * inv;
+      *reinterpret_cast<uint32_t*>(ob + base + dt * 8 + 2 * t) = pack2<T>(o0, o1);
+      if (p.out_f32 != nullptr) *reinterpret_cast<float2*>(p.out_f32 + base + dt * 8 + 2 * t) = make_float2(o0, o1);
+    }
     if (t == 0)
       p.lse[static_cast<int64_t>(bh) * p.Lq + row] = l > 0.f ? (m_run[r] + __log2f(l)) * kLn2 : -INFINITY;
   }
@@ -283,34 +265,38 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
   const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;
   const T* dob = static_cast<const T*>(p.dout) + row_base * D;
-  const T* ob = static_cast<const T*>(p.o) + row_base * D;
+  const float* ob = p.o + row_base * D;
   const uint64_t seed = static_cast<uint64_t>(p.rng_in[0]), offset = static_cast<uint64_t>(p.rng_in[1]);
 
   load_tile<T, kBlockM, D>(qb, p.q_sl, m0, p.Lq, Ks, nullptr);
   load_tile<T, kBlockM, D>(dob, D, m0, p.Lq, Vs, nullptr);
-  {  // delta = rowsum(dO * O): two threads per row, D / 2 elements each
+  {  // delta = rowsum(dO * O) with O in fp32: two threads per row, D / 2 elements each
     const int r = tid / 2, half = tid % 2, row = m0 + r;
     float acc = 0.f;
     if (row < p.Lq) {
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
-        const int d = half * (D / 2) + c * 8;
-        const uint4 a = __ldg(reinterpret_cast<const uint4*>(dob + static_cast<int64_t>(row) * D + d));
-        const uint4 bq = __ldg(reinterpret_cast<const uint4*>(ob + static_cast<int64_t>(row) * D + d));
+        const int64_t d = static_cast<int64_t>(row) * D + half * (D / 2) + c * 8;
+        const uint4 a = dev::ldg16(dob + d);
+        const uint4 o0 = dev::ldg16(ob + d), o1 = dev::ldg16(ob + d + 4);
         const T* ea = reinterpret_cast<const T*>(&a);
-        const T* eb = reinterpret_cast<const T*>(&bq);
+        const float* eo0 = reinterpret_cast<const float*>(&o0);
+        const float* eo1 = reinterpret_cast<const float*>(&o1);
 #pragma unroll
-        for (int x = 0; x < 8; ++x) acc = fmaf(to_float<T>(ea[x]), to_float<T>(eb[x]), acc);
+        for (int x = 0; x < 4; ++x) {
+          acc = fmaf(to_float<T>(ea[x]), eo0[x], acc);
+          acc = fmaf(to_float<T>(ea[x + 4]), eo1[x], acc);
+        }
       }
     }
-    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc += dev::shfl_xor(acc, 1);
     if (half == 0) {
       delta_s[r] = acc;
       lse_s[r] = lse2_of(p, bh, row);
       if (row < p.Lq) p.delta[row_base + row] = acc;
     }
   }
-  __syncthreads();
+  dev::block_sync();
   uint32_t qa[KD][4], da[KD][4];
 #pragma unroll
   for (int kk = 0; kk < KD; ++kk) {
@@ -326,11 +312,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
 
   for (int n0 = 0; n0 < p.Lk; n0 += kBlockN) {
-    __syncthreads();
+    dev::block_sync();
     load_tile<T, kBlockN, D>(kb, p.k_sl, n0, p.Lk, Ks, Kt);
     load_tile<T, kBlockN, D>(vb, p.v_sl, n0, p.Lk, Vs, nullptr);
     if (tid < kBlockN) kbias[tid] = key_bias(p, b, n0 + tid);
-    __syncthreads();
+    dev::block_sync();
 
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
 #pragma unroll
@@ -341,9 +327,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
       for (int kk = 0; kk < KD; ++kk) {
         uint32_t b0, b1;
         load_b(b0, b1, Ks, DP, nt * 8, kk * 16, g, t);
-        mma16816<T>(s[nt], qa[kk], b0, b1);
+        dev::mma16816<T>(s[nt], qa[kk], b0, b1);
         load_b(b0, b1, Vs, DP, nt * 8, kk * 16, g, t);
-        mma16816<T>(dp[nt], da[kk], b0, b1);
+        dev::mma16816<T>(dp[nt], da[kk], b0, b1);
       }
     }
 #pragma unroll
@@ -373,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
       for (int dt = 0; dt < D / 8; ++dt) {
         uint32_t b0, b1;
         load_b(b0, b1, Kt, NP, dt * 8, kk * 16, g, t);
-        mma16816<T>(dq[dt], pa, b0, b1);
+        dev::mma16816<T>(dq[dt], pa, b0, b1);
       }
     }
   }
@@ -413,7 +399,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
 
   load_tile<T, kBlockN, D>(kb, p.k_sl, n0, p.Lk, Qs, nullptr);
   load_tile<T, kBlockN, D>(vb, p.v_sl, n0, p.Lk, dOs, nullptr);
-  __syncthreads();
+  dev::block_sync();
   uint32_t ka[KD][4], va[KD][4];
 #pragma unroll
   for (int kk = 0; kk < KD; ++kk) {
@@ -430,7 +416,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
     for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
 
   for (int m0 = 0; m0 < p.Lq; m0 += kBlockM) {
-    __syncthreads();
+    dev::block_sync();
     load_tile<T, kBlockM, D>(qb, p.q_sl, m0, p.Lq, Qs, Qt);
     load_tile<T, kBlockM, D>(dob, D, m0, p.Lq, dOs, dOt);
     if (tid < kBlockM) {
@@ -448,7 +434,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
         keep_s[(il + 8) * kBlockN + jl + 1] = rnd.w >= p.threshold;
       }
     }
-    __syncthreads();
+    dev::block_sync();
 
     // S^T and dP^T: 16 keys x 64 queries per warp.
     float st[kBlockM / 8][4], dpt[kBlockM / 8][4];
@@ -460,9 +446,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
       for (int kk = 0; kk < KD; ++kk) {
         uint32_t b0, b1;
         load_b(b0, b1, Qs, DP, nt * 8, kk * 16, g, t);
-        mma16816<T>(st[nt], ka[kk], b0, b1);
+        dev::mma16816<T>(st[nt], ka[kk], b0, b1);
         load_b(b0, b1, dOs, DP, nt * 8, kk * 16, g, t);
-        mma16816<T>(dpt[nt], va[kk], b0, b1);
+        dev::mma16816<T>(dpt[nt], va[kk], b0, b1);
       }
     }
 #pragma unroll
@@ -489,9 +475,9 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
       for (int dt = 0; dt < D / 8; ++dt) {
         uint32_t b0, b1;
         load_b(b0, b1, dOt, MP, dt * 8, kk * 16, g, t);
-        mma16816<T>(dv[dt], za, b0, b1);
+        dev::mma16816<T>(dv[dt], za, b0, b1);
         load_b(b0, b1, Qt, MP, dt * 8, kk * 16, g, t);
-        mma16816<T>(dk[dt], sa, b0, b1);
+        dev::mma16816<T>(dk[dt], sa, b0, b1);
       }
     }
   }
@@ -517,9 +503,11 @@ inline unsigned grid_blocks(int64_t bh, int64_t len, int block) {
 
 }  // namespace attn
 
+#ifndef DETR_ATTN_EMULATE
 template <typename T, int D>
 void attn_launch_forward(const AttnParams& p, cudaStream_t stream) {
   const unsigned blocks = attn::grid_blocks(static_cast<int64_t>(p.B) * p.H, p.Lq, attn::kBlockM);
+  if (blocks == 0) return;
   attn::attn_fwd_kernel<T, D><<<blocks, attn::kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -527,10 +515,17 @@ void attn_launch_forward(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D>
 void attn_launch_backward(const AttnParams& p, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
-  attn::attn_bwd_dq_kernel<T, D><<<attn::grid_blocks(bh, p.Lq, attn::kBlockM), attn::kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  attn::attn_bwd_dkdv_kernel<T, D><<<attn::grid_blocks(bh, p.Lk, attn::kBlockN), attn::kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const unsigned dq_blocks = attn::grid_blocks(bh, p.Lq, attn::kBlockM);
+  const unsigned dkdv_blocks = attn::grid_blocks(bh, p.Lk, attn::kBlockN);
+  if (dq_blocks > 0) {
+    attn::attn_bwd_dq_kernel<T, D><<<dq_blocks, attn::kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (dkdv_blocks > 0) {
+    attn::attn_bwd_dkdv_kernel<T, D><<<dkdv_blocks, attn::kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
+#endif  // DETR_ATTN_EMULATE
 
 }  // namespace detr_fast

@@ -28,7 +28,6 @@ from detr_fast.ops import reference
 from detr_fast.ops._ext import extension_loaded, has_kernel
 
 CUDA_HEAD_DIMS = (32, 64)
-CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _HAS_KERNEL = {dev: has_kernel("attention", dev) for dev in ("cpu", "cuda")}
 _warned: set = set()
@@ -48,8 +47,8 @@ def _fallback_reason(q: torch.Tensor) -> str | None:
     if dev == "cuda":
         if q.shape[-1] not in CUDA_HEAD_DIMS:
             return f"head dim {q.shape[-1]} on CUDA (fused kernels take {CUDA_HEAD_DIMS})"
-        if q.dtype not in CUDA_DTYPES:
-            return f"dtype {q.dtype} on CUDA (fused kernels take fp32, fp16, bf16)"
+        if q.dtype == torch.float64:
+            return "float64 on CUDA (fused kernels take fp32, fp16, bf16)"
     return None
 
 
@@ -74,8 +73,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
     if reason is not None:
         _warn_once(reason)
         return reference.attention(q, k, v, key_padding_mask, dropout_p)
-    out, _, _ = torch.ops.detr_fast.attention(q, k, v, key_padding_mask, float(dropout_p))
-    return out
+    return torch.ops.detr_fast.attention(q, k, v, key_padding_mask, float(dropout_p))[0]
 
 
 def attention_with_state(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None, offset=0):
@@ -84,7 +82,7 @@ def attention_with_state(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=Non
     Differentiable in q, k, v through `out` (lse is not differentiable). With `seed` given, dropout uses the
     stream (seed, offset) instead of drawing from the generator (deterministic; for tests and opcheck).
     """
-    return torch.ops.detr_fast.attention(q, k, v, key_padding_mask, float(dropout_p), seed, offset)
+    return torch.ops.detr_fast.attention(q, k, v, key_padding_mask, float(dropout_p), seed, offset)[:3]
 
 
 def dropout_mask(rng_state, B: int, H: int, Lq: int, Lk: int, dropout_p: float) -> torch.Tensor:
@@ -101,8 +99,9 @@ def _register() -> None:
     def _attention_fake(q, k, v, key_padding_mask, dropout_p, seed=None, offset=0):
         torch._check(q.dim() == 4 and k.dim() == 4 and k.shape == v.shape, lambda: "attention: bad shapes")
         B, H, Lq, _ = q.shape
+        low = q.dtype in (torch.float16, torch.bfloat16)
         return (q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=_lse_dtype(q)),
-                q.new_empty((2,), dtype=torch.int64))
+                q.new_empty((2,), dtype=torch.int64), q.new_empty(q.shape if low else (0,), dtype=torch.float32))
 
     @torch.library.register_fake("detr_fast::attention_backward")
     def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, dropout_p, rng_state):
@@ -114,15 +113,17 @@ def _register() -> None:
 
     def _setup_context(ctx, inputs, output):
         q, k, v, key_padding_mask, dropout_p = inputs[:5]
-        out, lse, rng_state = output
-        ctx.save_for_backward(q, k, v, out, lse, rng_state, key_padding_mask)
+        out, lse, rng_state, out_f32 = output
+        # The backward's rowsum(grad_out * out) reads the unrounded output: out_f32 for fp16/bf16, else out.
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        ctx.save_for_backward(q, k, v, out_f32 if low else out, lse, rng_state, key_padding_mask)
         ctx.dropout_p = dropout_p
 
-    def _backward(ctx, grad_out, grad_lse, grad_rng):
-        # grad_lse is ignored: lse is an auxiliary output for the backward, not part of the differentiable result.
+    def _backward(ctx, grad_out, grad_lse, grad_rng, grad_out_f32):
+        # Only `out` is differentiable: lse, rng_state and out_f32 are auxiliary outputs for the backward.
         q, k, v, out, lse, rng_state, key_padding_mask = ctx.saved_tensors
         if grad_out is None:
-            grad_out = torch.zeros_like(out)
+            grad_out = torch.zeros_like(q)
         dq, dk, dv = torch.ops.detr_fast.attention_backward(grad_out, q, k, v, out, lse, key_padding_mask,
                                                             ctx.dropout_p, rng_state)
         return dq, dk, dv, None, None, None, None
