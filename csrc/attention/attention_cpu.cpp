@@ -41,6 +41,9 @@ Rng cpu_dropout_state(double dropout_p, std::optional<int64_t> seed, int64_t off
 
 bool key_padded(const bool* mask, int64_t b, int64_t Lk, int64_t j) { return mask != nullptr && mask[b * Lk + j]; }
 
+// (b, h) slices per task: small problems run on one thread instead of waking the pool.
+int64_t grain(int64_t Lq, int64_t Lk, int64_t D) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, Lq * Lk * D)); }
+
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
                     at::Tensor& out, at::Tensor& lse, float* out_f32, double dropout_p, Rng rng) {
@@ -55,7 +58,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   const scalar_t* vp = v.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
   acc_t* lp = lse.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, grain(Lq, Lk, D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> s(Lk), o(D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H;
@@ -122,7 +125,7 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor
   scalar_t* dqp = dq.mutable_data_ptr<scalar_t>();
   scalar_t* dkp = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dvp = dv.mutable_data_ptr<scalar_t>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, grain(Lq, Lk, D), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> p(Lk), dp(Lk), kept(Lk), dqi(D), dk_acc(Lk * D), dv_acc(Lk * D);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H;
@@ -234,7 +237,7 @@ at::Tensor attention_dropout_mask_cpu(const at::Tensor& rng_state, int64_t B, in
   const uint32_t thr = dropout_threshold(dropout_p);
   at::Tensor keep = at::empty({B, H, Lq, Lk}, rng_state.options().dtype(at::kBool));
   bool* kp = keep.mutable_data_ptr<bool>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, grain(Lq, Lk, 1), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh)
       for (int64_t i = 0; i < Lq; ++i)
         for (int64_t j = 0; j < Lk; ++j)
