@@ -42,7 +42,9 @@ Rng cpu_dropout_state(double dropout_p, std::optional<int64_t> seed, int64_t off
 bool key_padded(const bool* mask, int64_t b, int64_t Lk, int64_t j) { return mask != nullptr && mask[b * Lk + j]; }
 
 // (b, h) slices per task: small problems run on one thread instead of waking the pool.
-int64_t grain(int64_t Lq, int64_t Lk, int64_t D) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, Lq * Lk * D)); }
+int64_t grain(int64_t Lq, int64_t Lk, int64_t D) {
+  return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, Lq * Lk * D));
+}
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
@@ -104,8 +106,8 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   });
 }
 
-// `out` is not read: Drow is recomputed exactly from P and dP. Per query row: P = exp(s - lse), dZ = dO v^T, dP = dZ * keep / (1 - p), Z = P * keep / (1 - p),
-// Drow = sum_j P dP (computed directly, in the accumulation type), dS = P (dP - Drow);
+// Per query row: P = exp(s - lse), dZ = dO v^T, dP = dZ * keep / (1 - p), Z = P * keep / (1 - p),
+// Drow = sum_j P dP (computed directly in the accumulation type, so `out` is not read), dS = P (dP - Drow);
 // dQ = scale dS K, dK = scale dS^T Q, dV = Z^T dO.
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
