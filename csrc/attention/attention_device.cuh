@@ -19,6 +19,9 @@ __device__ __forceinline__ float shfl_xor(float v, int lane_mask) {
 
 __device__ __forceinline__ void block_sync() { __syncthreads(); }
 
+// Barrier that also tells every thread whether `pred` held in any thread of the block.
+__device__ __forceinline__ bool block_any(bool pred) { return __syncthreads_or(pred) != 0; }
+
 __device__ __forceinline__ uint4 ldg16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 // c += a * b for one m16n8k16 tile, fp32 accumulation.

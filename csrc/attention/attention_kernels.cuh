@@ -6,7 +6,8 @@
 // log-sum-exp of each query row is saved for the backward.
 // Backward: dQ kernel per 64-query block (also writes delta = rowsum(dO * O)), then a dK/dV kernel per 64-key
 // block that walks over the query blocks; both recompute P = exp(s - lse) tile by tile. No atomics: dQ, dK and dV
-// are each owned by one CTA, so the results are deterministic.
+// are each owned by one CTA, so the results are deterministic. Key tiles whose keys are all padded are skipped
+// (they contribute exactly nothing), which saves the padded part of DETR's batches.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4):
 //   A 16x16 (row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..2t+1), a2 = (g, 2t+8..2t+9), a3 = (g+8, 2t+8..2t+9)
@@ -147,9 +148,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
 
   for (int n0 = 0; n0 < p.Lk; n0 += kBlockN) {
     dev::block_sync();  // the previous tile (or Q) is no longer read
+    const float bias = key_bias(p, b, n0 + tid % kBlockN);
+    if (tid < kBlockN) kbias[tid] = bias;
+    if (!dev::block_any(bias == 0.f)) continue;  // every key of the tile is padded: it adds nothing
     load_tile<T, kBlockN, D>(kb, p.k_sl, n0, p.Lk, Ks, nullptr);
     load_tile<T, kBlockN, D>(vb, p.v_sl, n0, p.Lk, nullptr, Vt);
-    if (tid < kBlockN) kbias[tid] = key_bias(p, b, n0 + tid);
     dev::block_sync();
 
     float s[kBlockN / 8][4];
@@ -313,9 +316,11 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
 
   for (int n0 = 0; n0 < p.Lk; n0 += kBlockN) {
     dev::block_sync();
+    const float bias = key_bias(p, b, n0 + tid % kBlockN);
+    if (tid < kBlockN) kbias[tid] = bias;
+    if (!dev::block_any(bias == 0.f)) continue;  // every key of the tile is padded: P = 0 there
     load_tile<T, kBlockN, D>(kb, p.k_sl, n0, p.Lk, Ks, Kt);
     load_tile<T, kBlockN, D>(vb, p.v_sl, n0, p.Lk, Vs, nullptr);
-    if (tid < kBlockN) kbias[tid] = key_bias(p, b, n0 + tid);
     dev::block_sync();
 
     float s[kBlockN / 8][4], dp[kBlockN / 8][4];
@@ -397,6 +402,19 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   const T* dob = static_cast<const T*>(p.dout) + row_base * D;
   const uint64_t seed = static_cast<uint64_t>(p.rng_in[0]), offset = static_cast<uint64_t>(p.rng_in[1]);
 
+  T* dkb = static_cast<T*>(p.dk) + static_cast<int64_t>(bh) * p.Lk * D;
+  T* dvb = static_cast<T*>(p.dv) + static_cast<int64_t>(bh) * p.Lk * D;
+  if (!dev::block_any(key_bias(p, b, n0 + tid % kBlockN) == 0.f)) {
+    // Every key of this block is padded: P = 0 in its columns, so dK = dV = 0.
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (int c = tid; c < kBlockN * D / 8; c += kThreads) {
+      const int key = n0 + c / (D / 8), d = (c % (D / 8)) * 8;
+      if (key >= p.Lk) continue;
+      *reinterpret_cast<uint4*>(dkb + static_cast<int64_t>(key) * D + d) = zero;
+      *reinterpret_cast<uint4*>(dvb + static_cast<int64_t>(key) * D + d) = zero;
+    }
+    return;
+  }
   load_tile<T, kBlockN, D>(kb, p.k_sl, n0, p.Lk, Qs, nullptr);
   load_tile<T, kBlockN, D>(vb, p.v_sl, n0, p.Lk, dOs, nullptr);
   dev::block_sync();
@@ -482,8 +500,6 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
     }
   }
 
-  T* dkb = static_cast<T*>(p.dk) + static_cast<int64_t>(bh) * p.Lk * D;
-  T* dvb = static_cast<T*>(p.dv) + static_cast<int64_t>(bh) * p.Lk * D;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = key0 + 8 * r;

@@ -41,6 +41,7 @@ struct Warp {
 struct Block {
   std::barrier<> bar{128};
   Warp warps[4];
+  bool flags[128];
 };
 inline Block* g_block = nullptr;
 
@@ -55,6 +56,15 @@ inline float shfl_xor(float v, int lane_mask) {
 }
 
 inline void block_sync() { g_block->bar.arrive_and_wait(); }
+
+inline bool block_any(bool pred) {
+  g_block->flags[threadIdx.x] = pred;
+  g_block->bar.arrive_and_wait();
+  bool any = false;
+  for (int i = 0; i < 128; ++i) any = any || g_block->flags[i];
+  g_block->bar.arrive_and_wait();
+  return any;
+}
 
 inline uint4 ldg16(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::runtime_error("misaligned 16-byte load");
