@@ -17,6 +17,10 @@ storing it. Without an explicit seed, (seed, offset) are drawn from the device's
 the generator's seed and a reserved offset range (philox_cuda_state, no host sync, CUDA-graph safe); on the CPU a
 seed drawn from the CPU generator. torch.manual_seed therefore makes runs reproducible. `attention_with_state`
 returns the (seed, offset) used, and `dropout_mask` rebuilds the keep mask from it.
+
+The op detr_fast::attention returns (out, lse, rng_state, out_f32); the backward (detr_fast::attention_backward,
+FlashAttention-2 style: probabilities recomputed tile by tile from lse, no atomics, deterministic) takes out_f32,
+the unrounded fp32 output, for fp16/bf16 inputs so that rowsum(grad_out * out) carries no output rounding.
 """
 from __future__ import annotations
 
