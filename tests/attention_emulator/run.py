@@ -10,6 +10,7 @@ the tensor's scale), fp16/bf16 within twice the error of the reference computed 
 the pytest suite (the build takes a few minutes); a development check for machines without a GPU.
 """
 import argparse
+import hashlib
 import os
 import sys
 
@@ -26,12 +27,20 @@ from detr_fast.ops.cases_attention import compare  # noqa: E402
 
 
 def build():
-    return load("detr_fast_attention_emulator", [os.path.join(HERE, "attention_emulator.cpp")],
+    # The extension name carries a hash of the kernel headers: torch's build cache looks at the sources only.
+    digest = hashlib.sha1()
+    for d in (os.path.join(ROOT, "csrc", "attention"), os.path.join(ROOT, "csrc", "common"), HERE):
+        for name in sorted(os.listdir(d)):
+            if name.endswith((".h", ".cuh", ".cpp")):
+                with open(os.path.join(d, name), "rb") as f:
+                    digest.update(f.read())
+    return load(f"detr_fast_attention_emulator_{digest.hexdigest()[:12]}",
+                [os.path.join(HERE, "attention_emulator.cpp")],
                 extra_include_paths=[os.path.join(ROOT, "csrc"), "/usr/local/cuda/include"],
                 extra_cflags=["-std=c++20", "-O2", "-fno-strict-aliasing", "-w"], verbose=False)
 
 
-def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8):
+def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, strided=False):
     g = torch.Generator().manual_seed(B * 1000 + Lq * 10 + Lk + D)
     q = torch.randn(B, H, Lq, D, generator=g)
     k = torch.randn(B, H, Lk, D, generator=g)
@@ -45,6 +54,9 @@ def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8):
         if B > 1:
             mask[-1] = True  # one fully padded image
     ql, kl, vl, gol = (t.to(dtype) for t in (q, k, v, go))
+    if strided:  # q, k, v as head views of [B, L, H, D] tensors (DETR's projection layout)
+        ql, kl, vl = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (ql, kl, vl))
+        assert not ql.is_contiguous()
     out, lse, rng, out_acc = emu.forward(ql, kl, vl, mask, p, seed, offset)
     dq, dk, dv = emu.backward(gol, ql, kl, vl, out_acc, lse, mask, p, rng)
     keep = dropout_mask(rng, B, H, Lq, Lk, p) if p > 0 else None
@@ -73,7 +85,7 @@ def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8):
     fin = torch.isfinite(lse_ref)
     lse_ok = bool((torch.isfinite(lse) == fin).all()) and (lse[fin].double() - lse_ref[fin]).abs().max().item() < 2e-2
     ok = ok and lse_ok
-    label = f"B={B} H={H} Lq={Lq} Lk={Lk} D={D} {str(dtype)[6:]} mask={masked} p={p}"
+    label = f"B={B} H={H} Lq={Lq} Lk={Lk} D={D} {str(dtype)[6:]} mask={masked} p={p} strided={strided}"
     print(("PASS " if ok else "FAIL ") + label + " | " + " ".join(rows) + f" | lse {'ok' if lse_ok else 'BAD'}",
           flush=True)
     return ok
@@ -95,6 +107,8 @@ def main():
         (1, 2, 65, 1, 32, torch.float16, False, 0.1),
         (1, 1, 1, 7, 32, torch.float32, False, 0.0),
         (2, 1, 50, 200, 32, torch.bfloat16, True, 0.1),
+        (2, 3, 130, 70, 64, torch.float16, True, 0.2, 99, 5, True),
+        (2, 3, 40, 70, 32, torch.float32, True, 0.0, 0, 0, True),
     ]
     if a.quick:
         cases = cases[:2]
