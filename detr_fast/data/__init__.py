@@ -163,22 +163,28 @@ def ensure_dataset(cfg) -> None:
 
 
 def dali_available() -> bool:
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from .dali import dali_available as available
+
+    return available()
+
+
+def use_cuda(cfg) -> bool:
+    """Whether training runs on a CUDA device (train.device auto|cuda with a GPU present)."""
+    return cfg.train.device != "cpu" and torch.cuda.is_available()
 
 
 def resolve_pipeline(cfg) -> str:
-    """"torch" or "dali" for data.pipeline (auto: dali where a CUDA device, the CUDA training device and DALI
-    exist, else torch)."""
+    """"torch" or "dali" for data.pipeline. auto: dali where training runs on a GPU and DALI is installed, else torch.
+    dali: DALI (a clear RuntimeError when it is not installed); without a GPU it runs DALI's CPU operators."""
     choice = cfg.data.pipeline
     if choice == "auto":
-        return "torch"
+        return "dali" if use_cuda(cfg) and dali_available() else "torch"
     if choice == "dali":
-        raise RuntimeError("data.pipeline=dali: the DALI pipeline is not available in this build; "
-                           "use data.pipeline=torch")
+        if not dali_available():
+            from .dali import dali_missing_message
+
+            raise RuntimeError(dali_missing_message())
+        return "dali"
     return "torch"
 
 
@@ -206,6 +212,9 @@ def build_loader(cfg, split: str, distributed: bool = False, rank: int = 0, worl
                  epoch_seed: int | None = None):
     """A loader over `split` yielding Batch. Train: shuffled per epoch, the last partial batch dropped; val: in order.
 
+    data.pipeline (resolve_pipeline) picks the torch DataLoader described here or the DALI pipeline
+    (dali.DaliLoader: same Batch, already on the GPU, same set_epoch call; data.num_workers = its CPU threads).
+
     The sampler is an EpochSampler (a DistributedSampler) with `world_size` replicas when `distributed`, one
     otherwise; the engine calls `loader.sampler.set_epoch(epoch)` before each epoch, and the shuffle and the
     augmentation then depend only on (epoch_seed, epoch) (epoch_seed defaults to cfg.train.seed), so a resumed run
@@ -220,10 +229,14 @@ def build_loader(cfg, split: str, distributed: bool = False, rank: int = 0, worl
     pipeline = resolve_pipeline(cfg)
     dataset = build_dataset(cfg, split)
     train = split == "train"
+    if pipeline == "dali":
+        from .dali import DaliLoader
+
+        device_id = torch.cuda.current_device() if use_cuda(cfg) else None
+        return DaliLoader(cfg, split, dataset, rank=rank, world_size=world_size, seed=seed, device_id=device_id)
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed)
     workers = cfg.data.num_workers
-    pin = torch.cuda.is_available() and cfg.train.device != "cpu"
-    assert pipeline == "torch"
+    pin = use_cuda(cfg)
     return DetrLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate, pin_memory=pin, drop_last=train, persistent_workers=workers > 0,
                       worker_init_fn=_worker_init if workers > 0 else None,
