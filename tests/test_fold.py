@@ -19,7 +19,7 @@ def _randomize_bn(model, g):
 def test_fold_is_exact_for_resnet18_detr():
     cfg = load_config(None, ["model.backbone=resnet18", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1",
                              "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=5",
-                             "model.num_classes=3", "model.dropout=0.0"])
+                             "model.num_classes=3", "model.dropout=0.0", "model.fold_bn=false"])
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     ref = build_detr(cfg).double()
@@ -41,3 +41,14 @@ def test_fold_is_exact_for_resnet18_detr():
     torch.testing.assert_close(wa, wb, rtol=1e-9, atol=1e-12)
     # folded model still loads a plain checkpoint strictly
     fused.load_state_dict(ref.state_dict(), strict=True)
+
+
+def test_build_detr_folds_when_asked():
+    from detr_fast.models.fold import FoldedConv2d
+    base = ["model.backbone=resnet18", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1",
+            "model.dec_layers=1", "model.dim_feedforward=64", "model.num_queries=5", "model.num_classes=3"]
+    on = build_detr(load_config(None, base))
+    off = build_detr(load_config(None, base + ["model.fold_bn=false"]))
+    assert sum(isinstance(m, FoldedConv2d) for m in on.modules()) == 20
+    assert not any(isinstance(m, FoldedConv2d) for m in off.modules())
+    on.load_state_dict(off.state_dict(), strict=True)
