@@ -197,8 +197,13 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
         if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
             break
         skipped += int(getattr(batch, "skipped", 0))
-        batch = batch.to(device, non_blocking=True)
         n_img = batch.images.shape[0]
+        if n_img == 0:  # every image of the batch was unreadable
+            if dist.get_world_size() > 1:  # skipping the step on one rank alone would leave the others waiting
+                raise RuntimeError(f"epoch {epoch} step {step}: rank {dist.get_rank()} got a batch whose images "
+                                   "were all unreadable; fix or remove those files")
+            continue
+        batch = batch.to(device, non_blocking=True)
         keys, weights, row = train_step(model, criterion, batch, optimizer, amp_ctx=amp_ctx, scaler=scaler,
                                         clip_max_norm=t.clip_max_norm, weights=weights, keys=keys)
         epoch_sum = row if epoch_sum is None else epoch_sum + row
@@ -235,12 +240,13 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
 
 # ------------------------------------------------------------------------------------------------------- train
 
-def _evaluate_keeping_rng(model, loader, device, amp, path):
+def _evaluate_keeping_rng(model, loader, device, amp, path) -> tuple[dict, str]:
     """COCO evaluation that leaves every RNG stream as it found it (so evaluating or not does not change the
-    training that follows)."""
+    training that follows). Returns (stats, the 12-line table; empty on ranks other than 0)."""
     state = rng_state()
+    printed: list[str] = []
     try:
-        return evaluate(model, loader, device, amp=amp, output_path=path, log=log)
+        return evaluate(model, loader, device, amp=amp, output_path=path, log=printed.append), "\n".join(printed)
     finally:
         set_rng_state(state)
 
@@ -311,7 +317,7 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         log_path.unlink()  # a fresh run in this folder starts a fresh log
 
     t_start = time.time()
-    records, last_eval = [], {}
+    records, last_eval, last_table = [], {}, ""
     for epoch in range(start_epoch, t.epochs):
         _set_loader_epoch(train_loader, epoch)
         bar = ProgressBar(f"epoch {epoch + 1}/{t.epochs}", None, enabled=main)
@@ -328,8 +334,8 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
                    epoch_time_s=stats["time_s"], steps=stats["steps"], images=stats["images"],
                    skipped=stats["skipped"])
         if (t.eval_every > 0 and (epoch + 1) % t.eval_every == 0) or last:
-            last_eval = _evaluate_keeping_rng(model, val_loader, device, t.amp,
-                                              out_dir / f"eval_epoch{epoch:03d}.json")
+            last_eval, last_table = _evaluate_keeping_rng(model, val_loader, device, t.amp,
+                                                          out_dir / f"eval_epoch{epoch:03d}.json")
             rec.update(last_eval)
             rec["eval_epoch"] = epoch
         rngs = dist.all_gather_object(rng_state())
@@ -358,8 +364,9 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         except Exception as exc:  # a plotting problem must not lose a finished run
             warnings.warn(f"could not draw the training curves: {exc}", stacklevel=2)
         if last_eval:
-            log(f"final COCO evaluation ({out_dir / 'eval_epoch%03d.json' % records[-1]['epoch']}):")
-            log("  " + format_stats(last_eval))
+            log(f"COCO evaluation after epoch {records[-1]['epoch'] + 1} "
+                f"({out_dir / ('eval_epoch%03d.json' % records[-1]['epoch'])}):")
+            log(last_table)
     dist.barrier()
     return {"epochs": records, "eval": last_eval, "output_dir": str(out_dir)}
 
