@@ -66,9 +66,9 @@ def write_color_set(root: Path, n: int = 12, seed: int = 0):
 
 
 def color_cfg(root, *extra):
-    return load_config(CONFIG, [f"data.val_images={root / 'val'}", f"data.val_ann={root / 'annotations' / 'instances_val.json'}",
-                                f"data.train_images={root / 'val'}",
-                                f"data.train_ann={root / 'annotations' / 'instances_val.json'}",
+    ann = root / "annotations" / "instances_val.json"
+    return load_config(CONFIG, [f"data.val_images={root / 'val'}", f"data.val_ann={ann}",
+                                f"data.train_images={root / 'val'}", f"data.train_ann={ann}",
                                 "model.num_classes=16", "data.batch_size=4", "data.num_workers=1",
                                 "data.scales=[96, 112, 128, 144]", "data.max_size=200",
                                 "data.crop_resize=[96, 112, 128]", "data.crop_min=70", "data.crop_max=120",
@@ -151,33 +151,42 @@ def test_compact_targets():
 
 # ---------------------------------------------------------------------------------------------- graph arithmetic
 
-def test_graph_integer_helpers():
-    """The DALI graph's resized_shape and randint against transforms.resized_shape and a uniform distribution."""
-    from nvidia.dali import fn, pipeline_def, types
+def test_augment_params_bounds_and_windows():
+    """AugmentParams: sizes from transforms.resized_shape, windows inside the image, both branches, both flips."""
+    from detr_fast.data.dali import AugmentParams
 
-    from detr_fast.data.dali import _graph_helpers
-
-    _, _, _, as_i64, _, _, resized_shape, randint, _, _ = _graph_helpers()
-    rng = np.random.default_rng(0)
-    cases = np.stack([rng.integers(16, 1500, 512), rng.integers(16, 1500, 512), rng.integers(16, 900, 512)], 1)
-
-    @pipeline_def(batch_size=512, num_threads=1, device_id=None, seed=4)
-    def pipe():
-        x = fn.external_source(source=lambda: [c.astype(np.int64) for c in cases], batch=True)
-        h, w, s = as_i64(x[0]), as_i64(x[1]), as_i64(x[2])
-        return fn.stack(*resized_shape(h, w, s, None)), fn.stack(*resized_shape(h, w, s, 1333)), \
-            randint(as_i64(3), as_i64(6))
-
-    p = pipe()
-    p.build()
-    free, capped, draws = (np.stack([np.array(t[i]) for i in range(512)]) for t in p.run())
-    for (h, w, s), f, c in zip(cases.tolist(), free.tolist(), capped.tolist()):
-        assert tuple(f) == T.resized_shape(h, w, s)
-        expect = T.resized_shape(h, w, s, 1333)
-        # integer rounding is half-up where Python's round is half-to-even: equal except on exact halves
-        assert tuple(c) == expect or (2 * 1333 * min(h, w)) % max(h, w) == 0
-    values, counts = np.unique(draws, return_counts=True)
-    assert values.tolist() == [3, 4, 5, 6] and counts.min() > 512 / 4 * 0.7
+    cfg = color_cfg(Path("unused"))
+    params = AugmentParams(cfg.data, train=True, seed=0)
+    rng = np.random.default_rng(1)
+    shapes = [np.array([h, w, 3]) for h, w in rng.integers(60, 400, (256, 2))]
+    args, meta = params(shapes)
+    meta = np.stack(meta)
+    args = np.stack(args)
+    h2, w2, h0, w0, flip, h1, w1, top, left, ch, cw = meta.T
+    crop = (h1 != h0) | (w1 != w0) | (ch != h1) | (cw != w1)
+    assert 0.3 < flip.mean() < 0.7 and 0.3 < crop.mean() < 0.7
+    assert (top >= 0).all() and (left >= 0).all() and (top + ch <= h1).all() and (left + cw <= w1).all()
+    lo_w, lo_h = np.minimum(w1, 70), np.minimum(h1, 70)
+    assert ((cw >= lo_w) & (cw <= np.minimum(w1, 120)) | ~crop).all()
+    assert ((ch >= lo_h) & (ch <= np.minimum(h1, 120)) | ~crop).all()
+    for pos, room in ((left, w1 - cw), (top, h1 - ch)):  # uniform positions over the whole free range
+        sel = crop & (room > 0)
+        frac = pos[sel] / room[sel]
+        assert 0.4 < frac.mean() < 0.6 and frac.min() < 0.1 and frac.max() > 0.9
+    for i in range(256):
+        if crop[i]:
+            assert (h1[i], w1[i]) in {T.resized_shape(h0[i], w0[i], r) for r in (96, 112, 128)}
+        assert (h2[i], w2[i]) in {T.resized_shape(ch[i], cw[i], s, 200) for s in (96, 112, 128, 144)}
+    # the region resampled: the window mapped back to the file's pixels (mirrored when flipping)
+    sx = w0 / w1
+    src_left = np.where(flip > 0, w1 - left - cw, left)
+    np.testing.assert_allclose(args[:, 3], src_left * sx, rtol=1e-5)
+    np.testing.assert_allclose(args[:, 5], (src_left + cw) * sx, rtol=1e-5)
+    np.testing.assert_allclose(args[:, 0:2], meta[:, 0:2])
+    val = AugmentParams(cfg.data, train=False, seed=0)
+    _, vmeta = val(shapes)
+    for (h, w, _), m in zip(shapes, vmeta):
+        assert tuple(m[:2]) == T.resized_shape(h, w, 128, 200) and tuple(m[5:]) == (h, w, 0, 0, h, w)
 
 
 # ---------------------------------------------------------------------------------------------- torch parity

@@ -94,8 +94,8 @@ def test_flip():
     assert same is img and t0 is target
 
 
-@pytest.mark.parametrize("size,max_size,expect", [(90, None, (90, 120)), (200, 250, (188, 250)), (120, None, (120, 160)),
-                                                  (480, 1333, (480, 640))])
+@pytest.mark.parametrize("size,max_size,expect", [(90, None, (90, 120)), (200, 250, (188, 250)),
+                                                  (120, None, (120, 160)), (480, 1333, (480, 640))])
 def test_resize(size, max_size, expect):
     img, target = scene()
     out, t = T.RandomResize([size], max_size=max_size)(img, target)

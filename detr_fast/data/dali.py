@@ -4,21 +4,22 @@
     loader.set_epoch(epoch)          # (also loader.sampler.set_epoch)
     for batch in loader: ...         # detr_fast.data.Batch, its tensors already on the GPU
 
-Graph per sample: fn.readers.coco (relative ltrb boxes, raw category ids, crowd dropped, sharded by rank, a new
-global permutation each epoch) -> decode (`mixed`: nvJPEG / hardware decoder on the GPU; `cpu` when device_id is
-None) -> one resize of a region of interest, which performs DETR's resize / crop / resize -> mirror + normalize
-(crop_mirror_normalize, CHW float32) -> pad to the batch's largest image. The random choices are those of
-transforms.make_train_transforms with the same distributions: flip with p = 0.5; with p = 0.5 the short side to a
-uniform choice of `scales` (long side <= max_size); otherwise the short side to a choice of `crop_resize`, a crop
-whose width and height are uniform integers in [crop_min, crop_max] (clamped to the image) at a uniform integer
-position, then the short side to a choice of `scales` (long side <= max_size). Image sizes follow
-transforms.resized_shape in integer arithmetic (the long side truncated). The resize + crop + resize is done as a
-single resampling of the matching region of the decoded image, which saves a pass and a second blur; the boxes are
-exact. Validation: short side val_size, long side <= max_size, no randomness.
+Graph: fn.readers.coco (relative boxes, raw category ids, crowd dropped, sharded by rank, a new global permutation
+each epoch) -> image shapes from the JPEG headers -> AugmentParams, one numpy call per batch (a python_function)
+that draws the random choices of transforms.make_train_transforms with the same distributions (flip with p = 0.5;
+with p = 0.5 the short side to a uniform choice of `scales`, long side <= max_size; otherwise the short side to a
+choice of `crop_resize`, a crop whose width and height are uniform integers in [crop_min, crop_max] clamped to the
+image, at a uniform integer position, then the short side to a choice of `scales`, long side <= max_size) and
+computes the sizes with transforms.resized_shape itself -> decode (`mixed`: nvJPEG / hardware decoder on the GPU;
+`cpu` when device_id is None) -> one resize of the region of the decoded image that DETR's resize / crop / resize
+keeps (a single resampling: one pass and one blur fewer than the torch chain; the geometry is the same) ->
+mirror + normalize (crop_mirror_normalize, CHW float32) -> pad to the batch's largest image. Validation: short
+side val_size, long side <= max_size, no randomness.
 
-Boxes are computed per sample on the CPU (a few scalars), clipped to the crop and written as normalized cxcywh;
-boxes left without area are removed on the device by a stable compaction (`compact_targets`), so T is the batch's
-largest box count before the crop (padding rows, as always, hold zeros and lie beyond num_targets).
+The boxes travel raw (padded) with the per-sample geometry and are finished on the device in one batched step
+(`finish_targets`): flipped, mapped into the crop window, clipped to it, written as normalized cxcywh; boxes left
+without area are removed by a stable compaction, so T is the batch's largest box count before the crop (padding
+rows, as always, hold zeros and lie beyond num_targets). Nothing is read back to the host per batch.
 
 Unreadable images: DALI's decoder cannot skip a sample, so the image files are checked when the loader is built
 (JPEG start and end markers; a file failing that is decoded with PIL to decide). Files that fail are left out with a
@@ -104,72 +105,85 @@ def scan_images(img_dir: Path, file_names: list[str], threads: int = 8) -> tuple
 
 # ------------------------------------------------------------------------------------------- the DALI graph
 
-def _graph_helpers():
-    import nvidia.dali.math as dmath
-    from nvidia.dali import fn, types
+class AugmentParams:
+    """The per-sample random choices and geometry of a batch, drawn with numpy in one call per batch (DALI runs it
+    as a python_function; one vectorized call costs a few microseconds per image, where the same arithmetic as
+    DALI graph operators costs over a hundred).
 
-    i64, f32 = types.INT64, types.FLOAT
+    Input: the batch's image shapes [H, W, C]. Outputs per sample: `args` float32 [7] = (h2, w2, roi_y0, roi_x0,
+    roi_y1, roi_x1, flip) for the resize and mirror operators, and `meta` int64 [11] = (h2, w2, h0, w0, flip, h1,
+    w1, top, left, ch, cw) for the boxes. (h0, w0) is the file's size; (h1, w1) the size after the crop branch's
+    first resize (= h0, w0 in the plain branch); (top, left, ch, cw) the crop window in the flipped h1 x w1 image
+    (the whole image in the plain branch); (h2, w2) the output size. Sizes come from transforms.resized_shape, so
+    they equal the torch pipeline's exactly.
+    """
 
-    def as_i64(x):
-        return types.Constant(int(x), dtype=i64, device="cpu") if isinstance(x, int) else fn.cast(x, dtype=i64)
+    def __init__(self, data_cfg, train: bool, seed: int, pinned: Pinned | None = None):
+        import numpy as np
 
-    def as_f32(x):
-        return fn.cast(x, dtype=f32)
+        self.d, self.train = data_cfg, train
+        self.pinned = pinned or Pinned()
+        self.rng = np.random.default_rng(seed)
 
-    def where(cond, a, b):
-        """cond (0/1 int64) ? a : b, elementwise."""
-        return cond * a + (1 - cond) * b
+    def draw(self, h0, w0):
+        """Choices for images of h0 x w0 (int arrays [B]) -> meta int64 [B, 11]."""
+        import numpy as np
 
-    def resized_shape(h, w, size, max_size):
-        """transforms.resized_shape on int64 per-sample scalars: (new_h, new_w)."""
-        if max_size is not None:
-            short, long = dmath.min(h, w), dmath.max(h, w)
-            over = as_i64(long * size > max_size * short)
-            size = where(over, (2 * max_size * short + long) // (2 * long), size)  # round(max * short / long)
-        portrait = as_i64(w < h)
-        return where(portrait, (size * h) // w, size), where(portrait, size, (size * w) // h)
+        from .transforms import resized_shape
 
-    def randint(lo, hi):
-        """Uniform integer in [lo, hi] (per-sample int64 scalars)."""
-        u = fn.random.uniform(range=[0.0, 1.0])
-        n = as_f32(hi - lo + 1)
-        k = as_i64(dmath.floor(u * n))
-        return lo + dmath.min(k, hi - lo)
+        d, p, rng, b = self.d, self.pinned, self.rng, len(h0)
+        if not self.train:
+            hw2 = np.array([resized_shape(h, w, d.val_size, d.max_size) for h, w in zip(h0, w0)]).reshape(b, 2)
+            zero = np.zeros(b, np.int64)
+            return np.stack([hw2[:, 0], hw2[:, 1], h0, w0, zero, h0, w0, zero, zero, h0, w0], 1).astype(np.int64)
+        flip = rng.random(b) < 0.5 if p.flip is None else np.full(b, bool(p.flip))
+        # transforms.RandomSelect takes the plain resize when its draw is < 0.5
+        crop = rng.random(b) >= 0.5 if p.crop_branch is None else np.full(b, bool(p.crop_branch))
+        r = rng.choice(d.crop_resize, b) if p.crop_resize is None else np.full(b, p.crop_resize)
+        s = rng.choice(d.scales, b) if p.scale is None else np.full(b, p.scale)
+        hw1 = np.array([resized_shape(h, w, int(ri)) for h, w, ri in zip(h0, w0, r)]).reshape(b, 2)
+        h1, w1 = np.where(crop, hw1[:, 0], h0), np.where(crop, hw1[:, 1], w0)
+        if p.crop is not None:
+            top, left, ch, cw = (np.full(b, int(v)) for v in p.crop)
+        else:
+            cw = rng.integers(np.minimum(w1, d.crop_min), np.minimum(w1, d.crop_max) + 1)
+            ch = rng.integers(np.minimum(h1, d.crop_min), np.minimum(h1, d.crop_max) + 1)
+            top, left = rng.integers(0, h1 - ch + 1), rng.integers(0, w1 - cw + 1)
+        top, left = np.where(crop, top, 0), np.where(crop, left, 0)
+        ch, cw = np.where(crop, ch, h1), np.where(crop, cw, w1)
+        hw2 = np.array([resized_shape(int(h), int(w), int(si), d.max_size) for h, w, si in zip(ch, cw, s)])
+        hw2 = hw2.reshape(b, 2)
+        return np.stack([hw2[:, 0], hw2[:, 1], h0, w0, flip, h1, w1, top, left, ch, cw], 1).astype(np.int64)
 
-    def choice(values, pinned):
-        if pinned is not None:
-            return as_i64(int(pinned))
-        if len(values) == 1:
-            return as_i64(int(values[0]))
-        return as_i64(fn.random.uniform(values=[float(v) for v in values], dtype=types.INT32))
+    def __call__(self, shapes):
+        import numpy as np
 
-    def coin(pinned):
-        if pinned is not None:
-            return as_i64(int(bool(pinned)))
-        return as_i64(fn.random.coin_flip(probability=0.5))
-
-    return fn, types, dmath, as_i64, as_f32, where, resized_shape, randint, choice, coin
+        hw = np.stack(shapes).astype(np.int64)[:, :2]  # [B, 2]
+        meta = self.draw(hw[:, 0], hw[:, 1])
+        h2, w2, h0, w0, flip, h1, w1, top, left, ch, cw = meta.T.astype(np.float64)
+        # the window lies in the flipped h1 x w1 image; in the unflipped one it starts at w1 - left - cw. Its
+        # corners in the decoded image's pixels (scale w0 / w1) form the region resampled to h2 x w2.
+        src_left = np.where(flip > 0, w1 - left - cw, left)
+        sy, sx = h0 / h1, w0 / w1
+        args = np.stack([h2, w2, top * sy, src_left * sx, (top + ch) * sy, (src_left + cw) * sx, flip], 1)
+        return list(args.astype(np.float32)), list(meta)
 
 
 def build_pipeline(data_cfg, img_dir, ann_file, files: list[str], *, train: bool, batch_size: int, num_threads: int,
                    device_id: int | None, shard_id: int = 0, num_shards: int = 1, shuffle_seed: int = 0,
                    seed: int = 0, pinned: Pinned | None = None, prefetch: int = 2):
     """The DALI pipeline (built). Outputs per sample, all on the GPU when device_id is set:
-    images [3, Hmax, Wmax] float32 (padded), sizes [2] int64 (h, w after the transforms), orig_sizes [2] int64,
-    image_ids [1] int32, boxes [Tmax, 4] float32 normalized cxcywh (boxes cropped to nothing have w or h = 0),
-    labels [Tmax] int32 (category ids); Tmax = the batch's largest box count, padding rows zero."""
-    from nvidia.dali import pipeline_def
+    images [3, Hmax, Wmax] float32 (normalized, padded), meta [11] int64 (AugmentParams), image_ids [1] int32,
+    boxes [Tmax, 4] float32 relative (x0, y0, x1, y1) of the file, labels [Tmax] int32 (category ids); Tmax = the
+    batch's largest box count, padding rows zero. `finish_targets` turns boxes + meta into the targets."""
+    from nvidia.dali import fn, pipeline_def, types
 
-    fn, types, dmath, as_i64, as_f32, where, resized_shape, randint, choice, coin = _graph_helpers()
-    pinned = pinned or Pinned()
-    d = data_cfg
     mixed = device_id is not None
-
-    # train: a new global permutation each epoch, cut into fixed shards; val: each pipeline keeps its shard
-    if train:
-        shuffle = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed}
-    else:
-        shuffle = {"stick_to_shard": True}
+    params = AugmentParams(data_cfg, train, seed, pinned)
+    if train:  # a new global permutation each epoch, cut into fixed shards
+        order = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed}
+    else:  # each pipeline keeps its shard
+        order = {"stick_to_shard": True}
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                   prefetch_queue_depth=prefetch)
@@ -178,60 +192,20 @@ def build_pipeline(data_cfg, img_dir, ann_file, files: list[str], *, train: bool
             file_root=str(img_dir), annotations_file=str(ann_file), images=files, ltrb=True, ratio=True,
             image_ids=True, avoid_class_remapping=True, include_iscrowd=False, skip_empty=False,
             size_threshold=1e-6, shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="reader",
-            **shuffle)
-        shape = fn.peek_image_shape(encoded)  # [H, W, C] int64, read from the header
-        h0, w0 = as_i64(shape[0]), as_i64(shape[1])
-        if train:
-            flip = coin(pinned.flip)
-            crop_branch = coin(pinned.crop_branch)
-            r = choice(d.crop_resize, pinned.crop_resize)
-            rh, rw = resized_shape(h0, w0, r, None)
-            h1, w1 = where(crop_branch, rh, h0), where(crop_branch, rw, w0)
-            if pinned.crop is not None:
-                top, left, ch, cw = (as_i64(int(v)) for v in pinned.crop)
-            else:
-                cw = randint(dmath.min(w1, d.crop_min), dmath.min(w1, d.crop_max))
-                ch = randint(dmath.min(h1, d.crop_min), dmath.min(h1, d.crop_max))
-                top, left = randint(as_i64(0), h1 - ch), randint(as_i64(0), w1 - cw)
-            top, left = where(crop_branch, top, 0), where(crop_branch, left, 0)
-            ch, cw = where(crop_branch, ch, h1), where(crop_branch, cw, w1)
-            s = choice(d.scales, pinned.scale)
-            h2, w2 = resized_shape(ch, cw, s, d.max_size)
-        else:
-            flip = as_i64(0)
-            h1, w1, top, left, ch, cw = h0, w0, as_i64(0), as_i64(0), h0, w0
-            h2, w2 = resized_shape(h0, w0, as_i64(int(d.val_size)), d.max_size)
-
-        # the window (top, left, ch, cw) lies in the flipped h1 x w1 image; in the unflipped one it starts at
-        # w1 - left - cw. Map it to the decoded image's pixels (scale w0 / w1) and resample it to h2 x w2.
-        src_left = where(flip, w1 - left - cw, left)
-        sx, sy = as_f32(w0) / as_f32(w1), as_f32(h0) / as_f32(h1)
-        roi_start = fn.stack(as_f32(top) * sy, as_f32(src_left) * sx)
-        roi_end = fn.stack(as_f32(top + ch) * sy, as_f32(src_left + cw) * sx)
+            **order)
+        shape = fn.peek_image_shape(encoded)  # [H, W, C] int64, from the header
+        args, meta = fn.python_function(shape, function=params, batch_processing=True, num_outputs=2)
         images = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
-        images = fn.resize(images, size=fn.stack(as_f32(h2), as_f32(w2)), roi_start=roi_start, roi_end=roi_end,
-                           roi_relative=False, interp_type=types.INTERP_LINEAR, antialias=True)
+        images = fn.resize(images, size=args[0:2], roi_start=args[2:4], roi_end=args[4:6], roi_relative=False,
+                           interp_type=types.INTERP_LINEAR, antialias=True)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                           mean=[255.0 * m for m in IMAGENET_MEAN],
-                                          std=[255.0 * s_ for s_ in IMAGENET_STD],
-                                          mirror=fn.cast(flip, dtype=types.INT32))
+                                          std=[255.0 * s for s in IMAGENET_STD],
+                                          mirror=fn.cast(args[6], dtype=types.INT32))
         images = fn.pad(images, axes=(1, 2), fill_value=0.0)
-
-        # boxes: relative ltrb of the file -> flipped -> pixels of the h1 x w1 image -> the crop window, clipped,
-        # normalized by the window (= by the output image)
-        b = dmath.clamp(boxes, 0.0, 1.0)
-        bl, bt, br, bb = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
-        ff = as_f32(flip)
-        bl, br = ff * (1.0 - br) + (1.0 - ff) * bl, ff * (1.0 - bl) + (1.0 - ff) * br
-        fw1, fh1, fl, ft, fcw, fch = (as_f32(v) for v in (w1, h1, left, top, cw, ch))
-        x0 = dmath.clamp((bl * fw1 - fl) / fcw, 0.0, 1.0)
-        x1 = dmath.clamp((br * fw1 - fl) / fcw, 0.0, 1.0)
-        y0 = dmath.clamp((bt * fh1 - ft) / fch, 0.0, 1.0)
-        y1 = dmath.clamp((bb * fh1 - ft) / fch, 0.0, 1.0)
-        cxcywh = fn.stack((x0 + x1) * 0.5, (y0 + y1) * 0.5, x1 - x0, y1 - y0, axis=1)  # [n, 4]
-        cxcywh = fn.pad(cxcywh, axes=(0,), fill_value=0.0)
+        boxes = fn.pad(boxes, axes=(0,), fill_value=0.0)
         labels = fn.pad(fn.reshape(labels, shape=[-1]), axes=(0,), fill_value=0)
-        outs = (images, fn.stack(h2, w2), fn.stack(h0, w0), image_ids, cxcywh, labels)
+        outs = (images, meta, image_ids, boxes, labels)
         if mixed:
             outs = tuple(o if o.device == "gpu" else o.gpu() for o in outs)
         return outs
@@ -242,6 +216,28 @@ def build_pipeline(data_cfg, img_dir, ann_file, files: list[str], *, train: bool
 
 
 # ------------------------------------------------------------------------------------------- device-side assembly
+
+def finish_targets(boxes: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor):
+    """The pipeline's raw boxes -> DETR targets, batched on the tensors' device (no read-back to the host).
+
+    boxes [B, T, 4] relative (x0, y0, x1, y1) of each file (padding rows zero), labels [B, T], meta [B, 11]
+    (AugmentParams) -> (boxes [B, T, 4] cxcywh normalized to the output image, labels [B, T] int64,
+    num_targets [B] int64): flipped, mapped into the crop window, clipped to it; those left without area are
+    dropped (the others moved to the front in their order, the rest zeroed).
+    """
+    m = meta.to(boxes.dtype)
+    flip = meta[:, 4, None] > 0  # [B, 1]
+    h1, w1, top, left, ch, cw = (m[:, k, None] for k in range(5, 11))  # each [B, 1]
+    b = boxes.clamp(0.0, 1.0)
+    x0, y0, x1, y1 = b.unbind(-1)  # each [B, T]
+    x0, x1 = torch.where(flip, 1.0 - x1, x0), torch.where(flip, 1.0 - x0, x1)
+    x0 = ((x0 * w1 - left) / cw).clamp(0.0, 1.0)
+    x1 = ((x1 * w1 - left) / cw).clamp(0.0, 1.0)
+    y0 = ((y0 * h1 - top) / ch).clamp(0.0, 1.0)
+    y1 = ((y1 * h1 - top) / ch).clamp(0.0, 1.0)
+    cxcywh = torch.stack([(x0 + x1) * 0.5, (y0 + y1) * 0.5, x1 - x0, y1 - y0], -1)  # [B, T, 4]
+    return compact_targets(cxcywh, labels)
+
 
 def compact_targets(boxes: torch.Tensor, labels: torch.Tensor):
     """Move the boxes with area to the front of each row, keeping their order, and zero the rest.
@@ -376,15 +372,15 @@ class DaliLoader:
     def _batch(self, outs, real: int, first: bool):
         from . import Batch
 
-        images, sizes, orig_sizes, image_ids, boxes, labels = (_to_torch(o, self.device) for o in outs)
+        images, meta, image_ids, boxes, labels = (_to_torch(o, self.device) for o in outs)
         if real < images.shape[0]:
-            images, sizes, orig_sizes, image_ids, boxes, labels = (
-                t[:real] for t in (images, sizes, orig_sizes, image_ids, boxes, labels))
-        boxes, labels, num = compact_targets(boxes, labels)
+            images, meta, image_ids, boxes, labels = (t[:real] for t in (images, meta, image_ids, boxes, labels))
+        boxes, labels, num = finish_targets(boxes, labels, meta)
+        sizes = meta[:, 0:2]
         mask = padding_mask(sizes, images.shape[2], images.shape[3])
         skipped = self.num_bad if (first and self.rank == 0) else 0
         return Batch(images=images, mask=mask, targets={"labels": labels, "boxes": boxes, "num_targets": num},
-                     image_ids=image_ids.reshape(-1).to(torch.int64), orig_sizes=orig_sizes, sizes=sizes,
+                     image_ids=image_ids.reshape(-1).to(torch.int64), orig_sizes=meta[:, 2:4], sizes=sizes,
                      skipped=skipped)
 
 
