@@ -217,7 +217,8 @@ def main(argv=None) -> int:
             elif variant in ("dali_cpu", "dali_mixed"):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    loader = dali_loader(cfg, args.threads, device.index or 0 if variant == "dali_mixed" else None)
+                    gpu = (device.index or 0) if variant == "dali_mixed" else None
+                    loader = dali_loader(cfg, args.threads, gpu)
                 count = args.batches or max(4, min(40, 2 * len(loader)))
             else:
                 raise ValueError(f"unknown variant {variant!r}")

@@ -265,6 +265,23 @@ def test_val_matches_torch(color_root, device):
                                                 for a in ds.coco.imgToAnns[6])
 
 
+@pytest.mark.needs_cuda
+def test_gpu_batches_without_host_sync(color_root):
+    """Turning DALI's output into a Batch (copies, targets, mask) issues no synchronizing CUDA call."""
+    cfg = color_cfg(color_root, "train.device=cuda")
+    loader = DaliLoader(cfg, "train", build_dataset(cfg, "train"), seed=0, device_id=torch.cuda.current_device())
+    it = iter(loader)
+    next(it)  # the first batch builds and starts the pipeline
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        b = next(it)
+        b = b.to("cuda", non_blocking=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert b.images.is_cuda and b.targets["boxes"].is_cuda and b.mask.is_cuda
+
+
 # ---------------------------------------------------------------------------------------------- random augmentation
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -70,7 +70,7 @@ def check_consistent(image, target, margin=2, tol=12.0):
 def test_normalize_exact():
     img, target = scene()
     out, t = T.Normalize()(img, target)
-    ref = torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 255
+    ref = torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
     mean = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(out, (ref - mean) / std)
