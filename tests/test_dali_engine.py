@@ -7,11 +7,14 @@ import pytest
 
 pytest.importorskip("nvidia.dali")
 
+from helpers import cpu_and_cuda  # noqa: E402
+
 from detr_fast.config import load_config  # noqa: E402
 from detr_fast.engine import train  # noqa: E402
 
 
-def test_engine_trains_with_dali(tmp_path):
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_engine_trains_with_dali(tmp_path, device):
     sets = ["model.backbone=light", "model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4",
             "model.enc_layers=1", "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=5",
             "model.num_classes=4", "model.dropout=0.0", "data.dataset=shapes", f"data.root={tmp_path / 'shapes'}",
@@ -19,7 +22,8 @@ def test_engine_trains_with_dali(tmp_path):
             "data.shapes_val=6", "data.shapes_image_size=64", "data.scales=[56,64,72]", "data.max_size=96",
             "data.crop_resize=[48,56,64]", "data.crop_min=40", "data.crop_max=64", "data.val_size=64",
             "train.epochs=2", "train.eval_every=1", "train.lr=0.001", "train.lr_backbone=0.001", "train.log_every=2",
-            "train.device=cpu", f"train.output_dir={tmp_path / 'run'}"]
+            "model.kernels=reference", "model.attention=reference", f"train.device={device}",
+            f"train.output_dir={tmp_path / 'run'}"]
     result = train(load_config(None, sets))  # generates the shapes set, then trains on the DALI loader
     recs = [json.loads(s) for s in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == [0, 1]
