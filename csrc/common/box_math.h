@@ -12,7 +12,8 @@
 //
 // The analytic gradient follows torch's autograd conventions for the same formula, so it equals the reference's
 // autograd result even at the kinks: min/max split the gradient in half between tied arguments, clamp(min=0)
-// passes the gradient where its argument is >= 0, and |x| has derivative sign(x) with sign(0) = 0.
+// takes the minimum-norm subgradient (the gradient passes only where its argument is > 0, as in torch >= 2.14;
+// older torch also passed it at exactly 0), and |x| has derivative sign(x) with sign(0) = 0.
 #pragma once
 
 #include <cmath>
@@ -61,10 +62,10 @@ template <typename T>
 DF_HD T dmax_da(T a, T b) {
   return a > b ? T(1) : (a == b ? T(0.5) : T(0));
 }
-// d clamp(x, min=0) / dx: torch passes the gradient where x >= 0.
+// d clamp(x, min=0) / dx, minimum-norm subgradient: 0 at x == 0 (e.g. boxes that share an edge, empty boxes).
 template <typename T>
 DF_HD T dclamp0(T x) {
-  return x >= T(0) ? T(1) : T(0);
+  return x > T(0) ? T(1) : T(0);
 }
 
 template <typename T>
