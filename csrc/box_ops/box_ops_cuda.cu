@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t pb = blockIdx.x / q_chunks;  // p * B + b
   const int q0 = static_cast<int>(blockIdx.x % q_chunks) * rows_per_block;
-  const int rows = min(rows_per_block, Q - q0);
+  const int rows = max(0, min(rows_per_block, Q - q0));  // 0 only in a trailing chunk when Q > 1024
   const int64_t b = pb % B;
   const int64_t row0 = pb * Q + q0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

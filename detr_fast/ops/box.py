@@ -14,16 +14,24 @@ Invalid target values: the CPU op raises ValueError for num_targets outside [0, 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from detr_fast.ops import reference
 from detr_fast.ops._ext import extension_loaded, has_kernel
 
 
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op: str, device_type: str) -> bool:
+    return has_kernel(op, device_type)
+
+
 @torch.compiler.assume_constant_result
 def _kernel_for(op: str, device_type: str) -> bool:
-    """has_kernel, seen by torch.compile as a constant (it asks the dispatcher, which dynamo cannot trace)."""
-    return has_kernel(op, device_type)
+    """has_kernel, cached, and seen by torch.compile as a constant (it asks the dispatcher, which dynamo cannot
+    trace)."""
+    return _has_kernel(op, device_type)
 
 
 def matching_cost(logits, pred_boxes, labels, boxes, num_targets, w_class=1.0, w_bbox=5.0, w_giou=2.0):
