@@ -70,7 +70,8 @@ class FakeDetection:
                 anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": lab, "bbox": [x0, y0, s, s],
                              "area": s * s, "iscrowd": 0})
             images.append({"id": i + 1, "height": h, "width": w, "file_name": f"{i}.jpg"})
-            self.items.append((img, torch.tensor(labels), torch.tensor(boxes, dtype=torch.float32), i + 1, (h, w)))
+            self.items.append((img, torch.tensor(labels, dtype=torch.int64),
+                               torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), i + 1, (h, w)))
         self.coco = COCO()
         self.coco.dataset = {"images": images, "annotations": anns,
                              "categories": [{"id": 0, "name": "red"}, {"id": 1, "name": "green"}]}
