@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
+from detr_fast.models.fold import fold_frozen_bn
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
 
@@ -38,11 +39,14 @@ class DETR(nn.Module):
         self.query_embed = nn.Embedding(num_queries, d)
         self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
         self.backbone = backbone
+        self.channels_last = False
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
         """images [B, 3, H, W] float, mask [B, H, W] bool (True = padding) ->
         {pred_logits [B, Q, C+1], pred_boxes [B, Q, 4] (cxcywh in [0, 1] of the unpadded image),
          aux_outputs: [{pred_logits, pred_boxes}] for decoder layers 0..L-2}."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         feat, m, pos = self.backbone(images, mask)
         hs = self.transformer(self.input_proj(feat), m, self.query_embed.weight, pos)  # [L, B, Q, d]
         logits = self.class_embed(hs)  # [L, B, Q, C+1]
@@ -59,7 +63,13 @@ def build_detr(cfg) -> DETR:
     train_backbone = cfg.train.lr_backbone > 0
     backbone = Backbone(m.backbone, train_backbone=train_backbone, frozen_bn=m.frozen_bn, weights=m.backbone_weights,
                         light_channels=m.light_channels)
+    if m.fold_bn and m.frozen_bn and m.backbone != "light":
+        fold_frozen_bn(backbone)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
                               attn_impl=m.attention)
-    return DETR(joiner, transformer, m.num_classes, m.num_queries, aux_loss=m.aux_loss)
+    model = DETR(joiner, transformer, m.num_classes, m.num_queries, aux_loss=m.aux_loss)
+    if m.channels_last:
+        model.channels_last = True
+        model.backbone.to(memory_format=torch.channels_last)
+    return model
