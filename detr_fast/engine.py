@@ -191,7 +191,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
     bar.total = steps_total or None
     keys = weights = None
     epoch_sum = win_sum = None
-    steps = win_steps = images = win_images = skipped = 0
+    steps = win_steps = images = win_images = skipped = last_shown = 0
     t_epoch = t_win = time.perf_counter()
     for step, batch in enumerate(loader):
         if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
@@ -217,6 +217,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
                 raise FloatingPointError(f"epoch {epoch} step {steps}: loss is {win[0]} "
                                          f"({dict(zip(keys, win[1:]))}); stopping")
             bar.update(steps, loss=win[0], **{"img/s": win_images / max(now - t_win, 1e-9)})
+            last_shown = steps
             win_sum, win_steps, win_images, t_win = None, 0, 0, now
     if epoch_sum is None:
         raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
@@ -230,7 +231,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
     means = [v / world for v in stats[:k]]
     if not math.isfinite(means[0]):
         raise FloatingPointError(f"epoch {epoch}: mean loss is {means[0]}; stopping")
-    bar.update(steps, loss=means[0], **{"img/s": stats[k] / max(elapsed, 1e-9)})
+    if bar.tty or last_shown != steps:  # the epoch means (a plain-text log already holds the last window's line)
+        bar.update(steps, loss=means[0], **{"img/s": stats[k] / max(elapsed, 1e-9)})
     bar.close()
     result = {"loss": means[0], **dict(zip(keys, means[1:]))}
     result.update(steps=steps, images=int(stats[k]), skipped=int(stats[k + 1]), time_s=elapsed,

@@ -3,6 +3,7 @@ RNG state round trip."""
 from __future__ import annotations
 
 import argparse
+import os
 import random
 
 import numpy as np
@@ -41,6 +42,9 @@ def test_atomic_save_replaces_whole_file_and_leaves_old_one_on_failure(tmp_path,
     path = tmp_path / "sub" / "checkpoint.pth"
     atomic_save({"a": torch.arange(3)}, path)
     assert torch.equal(load_file(path)["a"], torch.arange(3))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     atomic_save({"a": torch.arange(5)}, path)
     assert torch.equal(load_file(path)["a"], torch.arange(5))
 
