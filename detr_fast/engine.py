@@ -326,7 +326,11 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, cfg, amp_ctx=amp_ctx,
                                 scaler=scaler, bar=bar)
         lrs = [g["lr"] for g in optimizer.param_groups]
-        lr_scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips the optimizer step while it calibrates its scale; torch then warns that the
+            # scheduler stepped first, which is expected here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            lr_scheduler.step()
         over_time = bool(t.time_limit_min > 0 and time.time() - t_start >= 60.0 * t.time_limit_min)
         over_time = bool(dist.broadcast_object(over_time))
         last = epoch == t.epochs - 1 or over_time

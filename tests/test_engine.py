@@ -49,8 +49,6 @@ class FakeDetection:
     24 px high instead of 32 so batches are padded. `.coco` is the pycocotools ground truth."""
 
     def __init__(self, n: int, seed: int, num_targets: list[int] | None = None):
-        from pycocotools.coco import COCO
-
         g = torch.Generator().manual_seed(seed)
         self.items = []
         images, anns = [], []
@@ -72,11 +70,21 @@ class FakeDetection:
             images.append({"id": i + 1, "height": h, "width": w, "file_name": f"{i}.jpg"})
             self.items.append((img, torch.tensor(labels, dtype=torch.int64),
                                torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), i + 1, (h, w)))
-        self.coco = COCO()
-        self.coco.dataset = {"images": images, "annotations": anns,
-                             "categories": [{"id": 0, "name": "red"}, {"id": 1, "name": "green"}]}
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
+        self._coco_dataset = {"images": images, "annotations": anns,
+                              "categories": [{"id": 0, "name": "red"}, {"id": 1, "name": "green"}]}
+        self._coco = None
+
+    @property
+    def coco(self):
+        """The pycocotools ground truth, built on first use (only the evaluation needs pycocotools)."""
+        if self._coco is None:
+            from pycocotools.coco import COCO
+
+            self._coco = COCO()
+            self._coco.dataset = self._coco_dataset
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._coco.createIndex()
+        return self._coco
 
     def __len__(self):
         return len(self.items)
@@ -318,6 +326,7 @@ def test_progress_bar_plain_lines():
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
 def test_cuda_training_with_autocast(tmp_path, amp):
+    pytest.importorskip("pycocotools")
     cfg = tiny_cfg(tmp_path, "train.device=cuda", f"train.amp={amp}", "train.epochs=2", "train.eval_every=1")
     result = train(cfg, loader_fn=fake_loader_fn())
     losses = [r["train_loss"] for r in result["epochs"]]
