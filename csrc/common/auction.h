@@ -206,6 +206,74 @@ LA_HD double team_max(Team& tm, double v) {
   return -tm.argmin(ArgMin{-v, 0}).v;
 }
 
+// Empty matching, all prices 0: the cold start of stage 3, which satisfies (F), (T), (Z) trivially.
+template <class Team>
+LA_HD void reset_cold(Team& tm, int n, int Q, const Workspace& w) {
+  for (int j = tm.tid(); j < Q; j += tm.nthreads()) {
+    w.price[j] = 0.0;
+    w.owner[j] = -1;
+  }
+  for (int i = tm.tid(); i < n; i += tm.nthreads()) w.row_col[i] = -1;
+  tm.sync();
+}
+
+// Stage 3: a shortest augmenting path (Dijkstra on reduced costs, implicit row potentials) for every unmatched row.
+template <class Team, class Cost>
+LA_HD void augment_all(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int* released, int* steps) {
+  const int tid = tm.tid(), nt = tm.nthreads();
+  for (int i = 0; i < n; ++i) {
+    if (w.row_col[i] >= 0) continue;  // uniform: row_col is only written between barriers
+    ++*released;
+    ArgMin best{kInf, kBigKey};
+    for (int j = tid; j < Q; j += nt) {
+      const double d = c(i, j) + w.price[j];
+      w.dist[j] = d;
+      w.pred[j] = i;
+      w.scanned[j] = 0;
+      best = argmin_merge(best, ArgMin{d, w.owner[j] >= 0 ? j + Q : j});
+    }
+    double dlast;
+    int jstar;
+    while (true) {
+      ++*steps;
+      const ArgMin m = tm.argmin(best);  // barrier: dist, pred, owner of this step are settled
+      dlast = m.v;
+      jstar = m.k >= Q ? m.k - Q : m.k;
+      if (jstar % nt == tid) w.scanned[jstar] = 1;  // only the thread that owns column jstar reads its flag
+      const int r = w.owner[jstar];
+      if (r < 0) break;
+      const double ur = c(r, jstar) + w.price[jstar];
+      best = ArgMin{kInf, kBigKey};
+      for (int j = tid; j < Q; j += nt) {
+        if (w.scanned[j]) continue;
+        const double nd = dlast + (c(r, j) + w.price[j] - ur);
+        if (nd < w.dist[j]) {
+          w.dist[j] = nd;
+          w.pred[j] = r;
+        }
+        best = argmin_merge(best, ArgMin{w.dist[j], w.owner[j] >= 0 ? j + Q : j});
+      }
+    }
+    for (int j = tid; j < Q; j += nt) {
+      if (w.scanned[j]) w.price[j] += dlast - w.dist[j];
+    }
+    tm.sync();
+    if (tid == 0) {  // flip the alternating path ending at jstar
+      int j = jstar;
+      while (true) {
+        const int r = w.pred[j];
+        const int next = w.row_col[r];
+        w.owner[j] = r;
+        w.row_col[r] = j;
+        if (r == i) break;
+        j = next;
+      }
+    }
+    tm.sync();
+  }
+
+}
+
 // Solves one problem and writes out[j] = row matched to column j or -1 (every entry -2 for invalid input).
 // Returns 0, or 1 when a real cost is NaN or infinite. Every thread of the team calls it.
 template <class Team, class Cost>
@@ -238,14 +306,20 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
   eps = dmax(eps, eps_final);
   for (int j = tid; j < Q; j += nt) {
     w.price[j] = 0.0;
+    w.owner[j] = -1;
     w.bid[j] = 0;
     w.bidder[j] = kBigKey;
   }
+  tm.sync();
   const int max_rounds = kRoundsPerRow * (n + 16);
   int rounds = 0;
-  bool capped = false;
+  // Square problems only (see the header comment): with free columns the warm start rarely passes (Z').
+  bool capped = n < Q;
   while (!capped) {
-    for (int j = tid; j < Q; j += nt) w.owner[j] = -1;
+    for (int j = tid; j < Q; j += nt) {  // columns nobody held in the last phase restart from price 0
+      if (w.owner[j] < 0) w.price[j] = 0.0;
+      w.owner[j] = -1;
+    }
     for (int i = tid; i < n; i += nt) w.row_col[i] = -1;
     tm.sync();
     while (true) {
@@ -299,99 +373,68 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
     eps = dmax(eps * kEpsFactor, eps_final);
   }
 
-  // ---- Stage 2: keep the tight part of the auction's matching; free columns get price 0.
-  for (int j = tid; j < Q; j += nt) {
-    if (w.owner[j] < 0) w.price[j] = 0.0;
+  // ---- Stage 2: keep the tight part of the auction's matching.
+  // (a) Lower each held column's price by its holder's slack (at most eps), which makes most holders exactly tight.
+  for (int i = warp; i < n; i += nw) {
+    const int s = w.row_col[i];
+    if (s < 0) continue;
+    double m = kInf;
+    for (int j = lane; j < Q; j += ws) m = dmin(m, c(i, j) + w.price[j]);
+    m = tm.warp_min(m);
+    if (lane == 0) w.dist[i] = c(i, s) + w.price[s] - m;
   }
   tm.sync();
-  bool cold = true;
-  for (int pass = 0; pass < kMaxReleasePasses; ++pass) {
-    for (int i = warp; i < n; i += nw) {
-      const int s = w.row_col[i];
-      if (s < 0) continue;
-      double m = kInf;
-      for (int j = lane; j < Q; j += ws) m = dmin(m, c(i, j) + w.price[j]);
-      m = tm.warp_min(m);
-      if (lane == 0) w.bid_col[i] = (c(i, s) + w.price[s] > m) ? 1 : 0;
-    }
-    tm.sync();
-    bool changed = false;
-    for (int i = tid; i < n; i += nt) {
-      const int s = w.row_col[i];
-      if (s >= 0 && w.bid_col[i]) {
-        w.owner[s] = -1;
-        w.price[s] = 0.0;
-        w.row_col[i] = -1;
-        changed = true;
-      }
-    }
-    changed = tm.any(changed);
-    if (!changed) {
-      cold = false;
-      break;
+  for (int i = tid; i < n; i += nt) {
+    const int s = w.row_col[i];
+    if (s >= 0) w.price[s] = dmax(w.price[s] - w.dist[i], 0.0);
+  }
+  tm.sync();
+  // (b) Release every row that is not tight (exact comparison in double).
+  for (int i = warp; i < n; i += nw) {
+    const int s = w.row_col[i];
+    if (s < 0) continue;
+    double m = kInf;
+    for (int j = lane; j < Q; j += ws) m = dmin(m, c(i, j) + w.price[j]);
+    m = tm.warp_min(m);
+    if (lane == 0) w.bid_col[i] = (c(i, s) + w.price[s] > m) ? 1 : 0;
+  }
+  tm.sync();
+  for (int i = tid; i < n; i += nt) {
+    const int s = w.row_col[i];
+    if (s >= 0 && w.bid_col[i]) {
+      w.owner[s] = -1;
+      w.row_col[i] = -1;
     }
   }
-  if (cold) {  // pass cap reached: start stage 3 from nothing
-    for (int j = tid; j < Q; j += nt) {
-      w.price[j] = 0.0;
-      w.owner[j] = -1;
-    }
-    for (int i = tid; i < n; i += nt) w.row_col[i] = -1;
-    tm.sync();
-  }
-  int released = 0;
-  int steps = 0;
+  tm.sync();
+  // (c) A warm start that keeps fewer than half of the rows costs more Dijkstra steps than it saves: start cold.
+  int unmatched = 0;
+  for (int i = 0; i < n; ++i) unmatched += w.row_col[i] < 0;  // same count in every thread
+  if (2 * unmatched > n) reset_cold(tm, n, Q, w);
 
-  // ---- Stage 3: shortest augmenting path for every unmatched row.
-  for (int i = 0; i < n; ++i) {
-    if (w.row_col[i] >= 0) continue;  // uniform: row_col is only written between barriers
-    ++released;
-    ArgMin best{kInf, kBigKey};
-    for (int j = tid; j < Q; j += nt) {
-      const double d = c(i, j) + w.price[j];
-      w.dist[j] = d;
-      w.pred[j] = i;
-      w.scanned[j] = 0;
-      best = argmin_merge(best, ArgMin{d, w.owner[j] >= 0 ? j + Q : j});
+  // ---- Stage 3: shortest augmenting paths; then the check of (Z'), with a cold restart when it fails.
+  int released = 0, steps = 0;
+  augment_all(tm, c, n, Q, w, &released, &steps);
+  // Certificate (Z'): with L = the lowest price of a held column, every free column priced at L keeps every row
+  // tight, i.e. c(i, j) + L >= u_i = c(i, s(i)) + P_s(i) for free j. Then prices P - L (free columns 0) prove
+  // optimality. (Square problems have no free column.)
+  double min_held = kInf;
+  for (int j = tid; j < Q; j += nt) {
+    if (w.owner[j] >= 0) min_held = dmin(min_held, w.price[j]);
+  }
+  min_held = team_min(tm, min_held);
+  bool violated = false;
+  for (int i = warp; i < n; i += nw) {
+    const int s = w.row_col[i];
+    const double u = c(i, s) + w.price[s];
+    for (int j = lane; j < Q; j += ws) {
+      if (w.owner[j] < 0 && c(i, j) + min_held < u) violated = true;
     }
-    double dlast;
-    int jstar;
-    while (true) {
-      ++steps;
-      const ArgMin m = tm.argmin(best);  // barrier: dist, pred, owner of this step are settled
-      dlast = m.v;
-      jstar = m.k >= Q ? m.k - Q : m.k;
-      if (jstar % nt == tid) w.scanned[jstar] = 1;  // only the thread that owns column jstar reads its flag
-      const int r = w.owner[jstar];
-      if (r < 0) break;
-      const double ur = c(r, jstar) + w.price[jstar];
-      best = ArgMin{kInf, kBigKey};
-      for (int j = tid; j < Q; j += nt) {
-        if (w.scanned[j]) continue;
-        const double nd = dlast + (c(r, j) + w.price[j] - ur);
-        if (nd < w.dist[j]) {
-          w.dist[j] = nd;
-          w.pred[j] = r;
-        }
-        best = argmin_merge(best, ArgMin{w.dist[j], w.owner[j] >= 0 ? j + Q : j});
-      }
-    }
-    for (int j = tid; j < Q; j += nt) {
-      if (w.scanned[j]) w.price[j] += dlast - w.dist[j];
-    }
-    tm.sync();
-    if (tid == 0) {  // flip the alternating path ending at jstar
-      int j = jstar;
-      while (true) {
-        const int r = w.pred[j];
-        const int next = w.row_col[r];
-        w.owner[j] = r;
-        w.row_col[r] = j;
-        if (r == i) break;
-        j = next;
-      }
-    }
-    tm.sync();
+  }
+  const bool cold = tm.any(violated);
+  if (cold) {
+    reset_cold(tm, n, Q, w);
+    augment_all(tm, c, n, Q, w, &released, &steps);
   }
 
   for (int j = tid; j < Q; j += nt) out[j] = w.owner[j];
