@@ -17,39 +17,45 @@
 // reported invalid (CPU: ValueError; CUDA: assignment -2 in every query slot, see assignment_cuda.cu). Costs are
 // read as double; every later step works in double.
 //
-// Stage 1 (auction, Bertsekas; the fast part). Forward auction with rows as bidders, columns as objects, prices
-// P >= 0 that only rise, epsilon-scaling eps_0 > eps_1 > ... (factor 1/8, from range/4 down to about range/(4 n Q),
-// never below the double resolution of the costs so that every bid raises a price). Each phase frees every row and
-// keeps the prices; a round lets all free rows bid at once (Jacobi): row i finds its best column j1 and the best and
-// second best values m1 <= m2 of c(i, k) + P_k and bids P_j1 + (m2 - m1) + eps; each column takes its highest bid
-// (lowest row index on equal bids) and frees its previous holder. A phase ends when every row holds a column.
-// Equal values are broken by a row-dependent rotation of the column order, so identical rows spread over equal
-// columns instead of all bidding for the same one. The total number of rounds is capped (kRoundsPerRow * (n + 16));
-// reaching the cap only leaves more work to stage 3. The auction's result is epsilon-optimal, not exact: with
-// float costs there is no epsilon below which epsilon-optimal implies optimal, and across scaling phases a free
-// column may keep a positive price (violating (Z)). Stages 2 and 3 make it exact.
+// Stage 1 (auction, Bertsekas; warm start of square problems n == Q). Forward auction with rows as bidders, columns
+// as objects, prices P >= 0 that only rise, epsilon-scaling eps_0 > eps_1 > ... (factor 1/8, from range/4 down to
+// range/(4 n Q), never below the double resolution of the costs, so every bid raises a price). Each phase frees
+// every row and keeps the prices (columns nobody held in the previous phase restart at 0); a round lets all free
+// rows bid at once (Jacobi): row i finds its best column j1 and the best and second best values m1 <= m2 of
+// c(i, k) + P_k and bids P_j1 + (m2 - m1) + eps; each column takes its highest bid (lowest row index on equal bids)
+// and frees its previous holder. A phase ends when every row holds a column. Equal values are broken by a
+// row-dependent rotation of the column order, so identical rows spread over equal columns instead of all bidding for
+// the same one. The total number of rounds is capped (kRoundsPerRow * (n + 16)); the cap only leaves more work to
+// stage 3. The auction's result is epsilon-optimal, not exact: with float costs there is no epsilon below which
+// epsilon-optimal implies optimal. It is used as a warm start of stage 3 that stage 2 certifies row by row.
+// Rectangular problems (n < Q) skip it: across scaling phases free columns keep positive prices, which violates (Z),
+// and measured on DETR-like, uniform, tied and wide-range costs the certificate below then failed on almost every
+// problem, while stage 3 alone needs only 1.0 - 1.4 Dijkstra steps per row there (rows rarely compete).
 //
-// Stage 2 (certificate of the auction's warm start). Set P_j = 0 on every free column. Then repeat: every matched
-// row that is not tight under the current prices (its column does not attain min_k c(i, k) + P_k, compared exactly
-// in double) releases its column and that column's price is set to 0. A release only lowers a price, so it can
-// only break the tightness of other rows, never create (F)/(Z) violations; each pass with a change releases at
-// least one row, so this ends after at most n + 1 passes (capped: after kMaxReleasePasses passes everything is
-// released and all prices are reset to 0, a cold start). Afterwards (F), (Z) hold and every matched row is tight.
+// Stage 2 (what of the warm start is kept). (a) Each held column's price drops by its holder's slack
+// c(i, s(i)) + P_s(i) - min_k (c(i, k) + P_k) <= eps (clamped at 0), which makes most holders exactly tight.
+// (b) Every row that is still not tight (exact comparison in double) releases its column. (c) If more than half of
+// the rows were released, everything is reset (empty matching, P = 0: the cold start). Kept rows are tight (T) and
+// prices are >= 0 (F); free columns may have positive prices, which is why stage 3 ends with a certificate.
 //
 // Stage 3 (shortest augmenting paths, exact; Hungarian / Jonker-Volgenant with implicit row potentials
 // u_r = c(r, s(r)) + P_s(r)). For each unmatched row i: Dijkstra over the columns with reduced costs
 // c(r, j) + P_j - u_r >= 0 (dist_j = length of the shortest alternating path from i to column j), stopping at the
 // first free column j* reached (on equal distances free columns are preferred, then lower indices); then
 // P_j += dist_j* - dist_j for every scanned column and the path is flipped. This is the classic invariant-keeping
-// step: reduced costs stay >= 0, matched rows stay tight (T), prices only rise (F), and the only free column that is
-// scanned is j*, whose price changes by dist_j* - dist_j* = 0, so free columns keep price 0 (Z). Each Dijkstra scans
-// at most Q columns and matches one more row, so stage 3 ends after at most n * Q steps. When it ends every row is
-// matched and (F), (T), (Z) hold: the matching is optimal. In floating point this is "exact" in the same sense as
-// scipy.optimize.linear_sum_assignment (which runs the same kind of shortest augmenting path in double): the duals
-// certify optimality up to double rounding of the potentials, far below the float32 resolution of the costs.
+// step: reduced costs stay >= 0 and matched rows stay tight (T), prices only rise (F), and the only free column that
+// is scanned is j*, whose price changes by 0, so free columns keep their prices. Each Dijkstra scans at most Q
+// columns and matches one more row: at most n * Q steps. Then every row is matched with (F) and (T), and:
+//   - from the cold start, free columns still have price 0: (Z) holds, the matching is optimal;
+//   - from a warm start, certificate (Z'): with L = the lowest price of a held column, c(i, j) + L >= u_i for every
+//     row i and free column j. Then the prices P' = P - L on held columns, 0 on free ones satisfy (F), (T), (Z):
+//     optimal. If (Z') fails, stage 3 is rerun from the cold start (which needs no certificate).
+// In floating point this is "exact" in the same sense as scipy.optimize.linear_sum_assignment (the same kind of
+// shortest augmenting path in double): the duals certify optimality up to double rounding of the potentials, far
+// below the float32 resolution of the costs.
 //
 // Bounded work on every input: stage 0 O(nQ); stage 1 at most kRoundsPerRow * (n + 16) rounds of O(nQ);
-// stage 2 at most kMaxReleasePasses passes of O(nQ); stage 3 at most n Dijkstras of at most Q steps of O(Q).
+// stage 2 O(nQ); stage 3 at most twice n Dijkstras of at most Q steps of O(Q) each, plus the O(nQ) certificate.
 #pragma once
 
 #include <cstdint>
@@ -70,7 +76,6 @@ using u64 = unsigned long long;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int kBigKey = std::numeric_limits<int>::max();
 constexpr int kRoundsPerRow = 24;      // stage 1 round cap: kRoundsPerRow * (n + 16) rounds in all phases together
-constexpr int kMaxReleasePasses = 8;   // stage 2 pass cap before a cold start
 constexpr double kEpsStart = 0.25;     // first epsilon, as a fraction of the cost range
 constexpr double kEpsFactor = 0.125;   // epsilon shrinks by this factor per phase
 constexpr double kEpsFinal = 0.25;     // last epsilon: kEpsFinal * range / (n * Q)
@@ -172,7 +177,7 @@ struct Stats {
   int rounds = 0;    // stage 1 bidding rounds
   int released = 0;  // rows left for stage 3
   int steps = 0;     // stage 3 Dijkstra steps
-  bool cold = false; // stage 2 hit its pass cap
+  bool cold = false; // certificate (Z') failed: stage 3 ran again from the cold start
 };
 
 // A team of one thread (the CPU kernel). The CUDA BlockTeam has the same members.
@@ -410,7 +415,8 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
   // (c) A warm start that keeps fewer than half of the rows costs more Dijkstra steps than it saves: start cold.
   int unmatched = 0;
   for (int i = 0; i < n; ++i) unmatched += w.row_col[i] < 0;  // same count in every thread
-  if (2 * unmatched > n) reset_cold(tm, n, Q, w);
+  const bool warm = 2 * unmatched <= n;
+  if (!warm) reset_cold(tm, n, Q, w);
 
   // ---- Stage 3: shortest augmenting paths; then the check of (Z'), with a cold restart when it fails.
   int released = 0, steps = 0;
@@ -419,12 +425,12 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
   // tight, i.e. c(i, j) + L >= u_i = c(i, s(i)) + P_s(i) for free j. Then prices P - L (free columns 0) prove
   // optimality. (Square problems have no free column.)
   double min_held = kInf;
-  for (int j = tid; j < Q; j += nt) {
+  for (int j = warm ? tid : Q; j < Q; j += nt) {
     if (w.owner[j] >= 0) min_held = dmin(min_held, w.price[j]);
   }
   min_held = team_min(tm, min_held);
   bool violated = false;
-  for (int i = warp; i < n; i += nw) {
+  for (int i = warm ? warp : n; i < n; i += nw) {  // the cold start needs no certificate
     const int s = w.row_col[i];
     const double u = c(i, s) + w.price[s];
     for (int j = lane; j < Q; j += ws) {
