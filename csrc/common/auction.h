@@ -315,6 +315,7 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
     w.bid[j] = 0;
     w.bidder[j] = kBigKey;
   }
+  for (int i = tid; i < n; i += nt) w.row_col[i] = -1;
   tm.sync();
   const int max_rounds = kRoundsPerRow * (n + 16);
   int rounds = 0;
