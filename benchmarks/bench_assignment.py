@@ -8,7 +8,6 @@ Prints the device and versions, then a table of medians in milliseconds. Never a
 import argparse
 import sys
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
