@@ -30,6 +30,8 @@ class ModelConfig:
     aux_loss: bool = True
     kernels: str = "fused"  # fused | reference: box kernels and assignment (reference = plain PyTorch + scipy)
     attention: str = "fused"  # fused | reference (reference = nn.MultiheadAttention's math)
+    fold_bn: bool = True  # fold FrozenBatchNorm2d into the preceding convolutions (exact; same state dict)
+    channels_last: bool = False  # run the backbone in NHWC memory layout
 
 
 @dataclass
