@@ -216,3 +216,8 @@ for _B, _T in ((8, 7), (64, 30)):
         _n = _L * _B * _T
         register(Case(op="box_loss", name=f"N={_n} (L={_L} B={_B} T={_T})", make=_bl_make(_n, False),
                       check=_bl_check, dtypes=(torch.float32,), tags=("bench",), grad_args=(0,)))
+# The criterion's call: every query of every layer, the unmatched ones masked afterwards (no sync, fixed shape).
+for _B in (8, 64):
+    _n = 6 * _B * 100
+    register(Case(op="box_loss", name=f"N={_n} (L=6 B={_B} Q=100)", make=_bl_make(_n, False), check=_bl_check,
+                  dtypes=(torch.float32,), tags=("bench",), grad_args=(0,)))
