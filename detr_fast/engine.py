@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 import time
 import warnings
@@ -329,7 +330,7 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         with warnings.catch_warnings():
             # fp16: GradScaler skips the optimizer step while it calibrates its scale; torch then warns that the
             # scheduler stepped first, which is expected here
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             lr_scheduler.step()
         over_time = bool(t.time_limit_min > 0 and time.time() - t_start >= 60.0 * t.time_limit_min)
         over_time = bool(dist.broadcast_object(over_time))
