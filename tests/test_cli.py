@@ -85,22 +85,32 @@ def test_unknown_override_key_fails_clearly(capsys, tmp_path):
         main(["trian"])
 
 
-def test_make_shapes_train_and_eval_end_to_end(tmp_path, capsys):
-    data = tmp_path / "shapes"
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data") / "shapes"
     assert main(["make-shapes", "--out", str(data), "--train", "16", "--val", "8", "--size", "64",
                  "--seed", "1"]) == 0
-    assert (data / "annotations" / "instances_train.json").is_file()
-    assert len(json.loads((data / "annotations" / "instances_val.json").read_text())["images"]) == 8
-    out = tmp_path / "run"
+    return data
+
+
+def _train_args(data, out, *extra):
     sets = ["model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1",
             "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=6", "data.batch_size=4",
             "data.num_workers=0", f"data.root={data}", "data.scales=[56,64]", "data.max_size=80",
             "data.crop_resize=[48,56]", "data.crop_min=40", "data.crop_max=64", "data.val_size=64",
-            "train.epochs=2", "train.eval_every=1", "train.device=cpu", "train.log_every=2", f"train.output_dir={out}"]
+            "train.device=cpu", "train.log_every=2", f"train.output_dir={out}", *extra]
     args = ["train", "--config", str(ROOT / "configs" / "shapes.yaml")]
     for s in sets:
         args += ["--set", s]
-    assert main(args) == 0
+    return args
+
+
+def test_make_shapes_train_and_eval_end_to_end(shapes, tmp_path, capsys):
+    data = shapes
+    assert (data / "annotations" / "instances_train.json").is_file()
+    assert len(json.loads((data / "annotations" / "instances_val.json").read_text())["images"]) == 8
+    out = tmp_path / "run"
+    assert main(_train_args(data, out, "train.epochs=2", "train.eval_every=1")) == 0
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50      | area=   all | maxDets=100 ]" in printed  # the final table
     lines = [json.loads(s) for s in (out / "log.jsonl").read_text().splitlines()]
@@ -116,3 +126,23 @@ def test_make_shapes_train_and_eval_end_to_end(tmp_path, capsys):
     bad.write_bytes(b"\0" * 100)
     assert main(["eval", "--config", str(ROOT / "configs" / "shapes.yaml"), "--checkpoint", str(bad)]) == 2
     assert "bad.pth" in capsys.readouterr().err
+
+
+def test_resume_equals_uninterrupted_with_the_shapes_pipeline(shapes, tmp_path):
+    """The real data pipeline (random flips, resizes and crops) with dropout on: 2 epochs in one run equal
+    1 epoch + a resumed second epoch, losses and weights bit for bit."""
+    from detr_fast.checkpoint import load_checkpoint
+
+    common = ("model.dropout=0.1", "train.eval_every=5")
+    assert main(_train_args(shapes, tmp_path / "full", "train.epochs=2", *common)) == 0
+    assert main(_train_args(shapes, tmp_path / "part", "train.epochs=1", *common)) == 0
+    ckpt = tmp_path / "part" / "checkpoint.pth"
+    assert main(_train_args(shapes, tmp_path / "part", "train.epochs=2", f"train.resume={ckpt}", *common)) == 0
+    full = [json.loads(s) for s in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    part = [json.loads(s) for s in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in part] == [0, 1]
+    assert full[1]["train_loss"] == part[1]["train_loss"] and full[1]["train_loss_ce_0"] == part[1]["train_loss_ce_0"]
+    assert full[0]["train_loss"] != full[1]["train_loss"]
+    wa = load_checkpoint(tmp_path / "full" / "checkpoint.pth")["model"]
+    wb = load_checkpoint(ckpt)["model"]
+    assert all(torch.equal(v, wb[k]) for k, v in wa.items())
