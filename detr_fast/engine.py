@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 import time
 import warnings
@@ -191,7 +192,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
     bar.total = steps_total or None
     keys = weights = None
     epoch_sum = win_sum = None
-    steps = win_steps = images = win_images = skipped = 0
+    steps = win_steps = images = win_images = skipped = last_shown = 0
     t_epoch = t_win = time.perf_counter()
     for step, batch in enumerate(loader):
         if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
@@ -217,6 +218,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
                 raise FloatingPointError(f"epoch {epoch} step {steps}: loss is {win[0]} "
                                          f"({dict(zip(keys, win[1:]))}); stopping")
             bar.update(steps, loss=win[0], **{"img/s": win_images / max(now - t_win, 1e-9)})
+            last_shown = steps
             win_sum, win_steps, win_images, t_win = None, 0, 0, now
     if epoch_sum is None:
         raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
@@ -230,7 +232,8 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
     means = [v / world for v in stats[:k]]
     if not math.isfinite(means[0]):
         raise FloatingPointError(f"epoch {epoch}: mean loss is {means[0]}; stopping")
-    bar.update(steps, loss=means[0], **{"img/s": stats[k] / max(elapsed, 1e-9)})
+    if bar.tty or last_shown != steps:  # the epoch means (a plain-text log already holds the last window's line)
+        bar.update(steps, loss=means[0], **{"img/s": stats[k] / max(elapsed, 1e-9)})
     bar.close()
     result = {"loss": means[0], **dict(zip(keys, means[1:]))}
     result.update(steps=steps, images=int(stats[k]), skipped=int(stats[k + 1]), time_s=elapsed,
@@ -324,7 +327,11 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, cfg, amp_ctx=amp_ctx,
                                 scaler=scaler, bar=bar)
         lrs = [g["lr"] for g in optimizer.param_groups]
-        lr_scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips the optimizer step while it calibrates its scale; torch then warns that the
+            # scheduler stepped first, which is expected here
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            lr_scheduler.step()
         over_time = bool(t.time_limit_min > 0 and time.time() - t_start >= 60.0 * t.time_limit_min)
         over_time = bool(dist.broadcast_object(over_time))
         last = epoch == t.epochs - 1 or over_time

@@ -49,8 +49,6 @@ class FakeDetection:
     24 px high instead of 32 so batches are padded. `.coco` is the pycocotools ground truth."""
 
     def __init__(self, n: int, seed: int, num_targets: list[int] | None = None):
-        from pycocotools.coco import COCO
-
         g = torch.Generator().manual_seed(seed)
         self.items = []
         images, anns = [], []
@@ -70,12 +68,23 @@ class FakeDetection:
                 anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": lab, "bbox": [x0, y0, s, s],
                              "area": s * s, "iscrowd": 0})
             images.append({"id": i + 1, "height": h, "width": w, "file_name": f"{i}.jpg"})
-            self.items.append((img, torch.tensor(labels), torch.tensor(boxes, dtype=torch.float32), i + 1, (h, w)))
-        self.coco = COCO()
-        self.coco.dataset = {"images": images, "annotations": anns,
-                             "categories": [{"id": 0, "name": "red"}, {"id": 1, "name": "green"}]}
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco.createIndex()
+            self.items.append((img, torch.tensor(labels, dtype=torch.int64),
+                               torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), i + 1, (h, w)))
+        self._coco_dataset = {"images": images, "annotations": anns,
+                              "categories": [{"id": 0, "name": "red"}, {"id": 1, "name": "green"}]}
+        self._coco = None
+
+    @property
+    def coco(self):
+        """The pycocotools ground truth, built on first use (only the evaluation needs pycocotools)."""
+        if self._coco is None:
+            from pycocotools.coco import COCO
+
+            self._coco = COCO()
+            self._coco.dataset = self._coco_dataset
+            with contextlib.redirect_stdout(io.StringIO()):
+                self._coco.createIndex()
+        return self._coco
 
     def __len__(self):
         return len(self.items)
@@ -219,6 +228,14 @@ def test_time_limit_stops_after_the_crossing_epoch_and_still_evaluates(tmp_path)
     assert set(result["eval"]) == set(STAT_NAMES)
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_runs_on_cpu(tmp_path, amp):
+    cfg = tiny_cfg(tmp_path, f"train.amp={amp}", "train.epochs=1", "train.max_steps_per_epoch=3")
+    result = train(cfg, loader_fn=fake_loader_fn())
+    assert result["epochs"][0]["steps"] == 3 and math.isfinite(result["epochs"][0]["train_loss"])
+    assert ("scaler" in load_checkpoint(tmp_path / "checkpoint.pth")) == (amp == "fp16")
+
+
 def test_nonfinite_loss_stops_with_a_clear_error(tmp_path):
     from detr_fast.criterion import build_criterion
 
@@ -302,3 +319,56 @@ def test_progress_bar_plain_lines():
     silent = io.StringIO()
     ProgressBar("x", 3, stream=silent, enabled=False).update(1, loss=1.0)
     assert silent.getvalue() == ""
+
+
+# -------------------------------------------------------------------------------------------------------- CUDA
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", ["none", "bf16", "fp16"])
+def test_cuda_training_with_autocast(tmp_path, amp):
+    pytest.importorskip("pycocotools")
+    cfg = tiny_cfg(tmp_path, "train.device=cuda", f"train.amp={amp}", "train.epochs=2", "train.eval_every=1")
+    result = train(cfg, loader_fn=fake_loader_fn())
+    losses = [r["train_loss"] for r in result["epochs"]]
+    assert all(math.isfinite(v) for v in losses)
+    assert set(result["eval"]) == set(STAT_NAMES)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    assert "cuda" in ckpt["rng"][0]
+    assert ("scaler" in ckpt) == (amp == "fp16")
+    assert all(v.device.type == "cpu" for v in ckpt["model"].values())
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_cuda_train_step_never_syncs(amp):
+    """torch.cuda sync debug mode 'error' raises on any host-device synchronization inside the step."""
+    from detr_fast.criterion import build_criterion
+    from detr_fast.engine import build_optimizer, train_step
+    from detr_fast.evaluation import autocast_context
+    from detr_fast.models import build_detr
+    from detr_fast.ops import has_kernel
+
+    if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")):
+        pytest.skip("the CUDA matcher kernels are not built: the reference matcher copies to the host by design")
+    device = torch.device("cuda")
+    cfg = load_config(None, ["model.backbone=light", "model.hidden_dim=64", "model.enc_layers=2", "model.dec_layers=3",
+                             "model.dim_feedforward=128", "model.num_queries=10", "model.num_classes=2",
+                             f"train.amp={amp}"])
+    model = build_detr(cfg).to(device)
+    criterion = build_criterion(cfg).to(device)
+    optimizer, _ = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    amp_ctx = autocast_context(device, amp)
+    loader = FakeLoader(FakeDetection(8, seed=4), 4, shuffle=False)
+    batches = [b.to(device) for b in loader]
+    keys, weights, _ = train_step(model, criterion, batches[0], optimizer, amp_ctx=amp_ctx, scaler=scaler,
+                                  clip_max_norm=0.1)  # warm-up (first-call allocations, the weights tensor)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches:
+            keys, weights, row = train_step(model, criterion, b, optimizer, amp_ctx=amp_ctx, scaler=scaler,
+                                            clip_max_norm=0.1, weights=weights, keys=keys)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(row).all()
