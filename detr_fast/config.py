@@ -123,6 +123,11 @@ def _convert(value, typ, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
