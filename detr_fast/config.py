@@ -30,6 +30,8 @@ class ModelConfig:
     aux_loss: bool = True
     kernels: str = "fused"  # fused | reference: box kernels and assignment (reference = plain PyTorch + scipy)
     attention: str = "fused"  # fused | reference (reference = nn.MultiheadAttention's math)
+    fold_bn: bool = True  # fold FrozenBatchNorm2d into the preceding convolutions (exact; same state dict)
+    channels_last: bool = False  # run the backbone in NHWC memory layout
 
 
 @dataclass
@@ -121,6 +123,11 @@ def _convert(value, typ, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -116,7 +116,8 @@ def linear_assignment(cost, num_targets):
         raise ValueError(f"num_targets must lie in [0, T={T}], got {n.tolist()}")
     if (n > Q).any():
         raise ValueError(f"more targets than queries: num_targets {n.max()} > Q={Q}")
-    c = cost.detach().to("cpu", torch.float64).reshape(-1, B, Q, T).numpy()
+    P = int(np.prod(cost.shape[:-3], dtype=np.int64))  # leading problems (e.g. decoder layers)
+    c = cost.detach().to("cpu", torch.float64).reshape(P, B, Q, T).numpy()
     out = np.full((c.shape[0], B, Q), -1, dtype=np.int64)
     for p in range(c.shape[0]):
         for b in range(B):

@@ -1,0 +1,198 @@
+"""Full DETR training step: the reference path against the fast path, side by side on the same weights and batch.
+
+    python benchmarks/bench_step.py                       # GPU: DETR-R50, batch 8, images up to 800x1333
+    python benchmarks/bench_step.py --device cpu --small  # CPU: a small version of the same comparison
+
+A step is forward, set loss with the auxiliary losses, backward, gradient clipping and the AdamW step. Variants:
+  ref_fp32      model.kernels=reference, nn.MultiheadAttention math, scipy matcher, unfolded BatchNorm, fp32
+  ref_tf32      the same with TF32 matrix math
+  ref_compile   torch.compile(reference model), TF32
+  fast          our kernels, folded BatchNorm, channels_last, bf16 autocast, TF32
+  fast_compile  the fast path with torch.compile(model)
+Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
+torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same weights and batch (dropout off).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import warnings
+
+import torch
+
+from detr_fast.bench import environment, format_table, median_ms
+from detr_fast.config import load_config
+from detr_fast.criterion import build_criterion
+from detr_fast.models import build_detr
+
+VARIANTS = {
+    "ref_fp32": dict(kernels="reference", attention="reference", fold_bn=False, channels_last=False, amp="none",
+                     tf32=False, compile=False),
+    "ref_tf32": dict(kernels="reference", attention="reference", fold_bn=False, channels_last=False, amp="none",
+                     tf32=True, compile=False),
+    "ref_compile": dict(kernels="reference", attention="reference", fold_bn=False, channels_last=False, amp="none",
+                        tf32=True, compile=True),
+    "fast": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
+                 compile=False),
+    "fast_compile": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                         tf32=True, compile=True),
+}
+
+
+def make_batch(B, max_h, max_w, num_classes, device, seed=0, min_targets=1, max_targets=30):
+    """B images of mixed sizes (each side between 60% and 100% of the maximum) padded to the largest, with a mask
+    and 1-30 padded targets each."""
+    g = torch.Generator().manual_seed(seed)
+    hs = [int(max_h * (0.6 + 0.4 * float(torch.rand(1, generator=g)))) for _ in range(B)]
+    ws = [int(max_w * (0.6 + 0.4 * float(torch.rand(1, generator=g)))) for _ in range(B)]
+    hs[0], ws[0] = max_h, max_w
+    H, W = max(hs), max(ws)
+    images = torch.zeros(B, 3, H, W)
+    mask = torch.ones(B, H, W, dtype=torch.bool)
+    for i, (h, w) in enumerate(zip(hs, ws)):
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+        mask[i, :h, :w] = False
+    n = torch.randint(min_targets, max_targets + 1, (B,), generator=g)
+    T = int(n.max())
+    labels = torch.randint(0, num_classes, (B, T), generator=g)
+    cxcy = torch.rand(B, T, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(B, T, 2, generator=g) * 0.3 + 0.05
+    boxes = torch.cat((cxcy, wh), -1)
+    valid = torch.arange(T)[None] < n[:, None]
+    labels = labels * valid
+    boxes = boxes * valid[..., None]
+    targets = {"labels": labels.to(device), "boxes": boxes.to(device), "num_targets": n.to(device)}
+    return images.to(device), mask.to(device), targets
+
+
+def build(cfg_overrides, variant, device):
+    v = VARIANTS[variant]
+    sets = list(cfg_overrides) + [f"model.kernels={v['kernels']}", f"model.attention={v['attention']}",
+                                  f"model.fold_bn={str(v['fold_bn']).lower()}",
+                                  f"model.channels_last={str(v['channels_last']).lower()}"]
+    cfg = load_config(None, sets)
+    model = build_detr(cfg).to(device)
+    criterion = build_criterion(cfg).to(device)
+    return cfg, model, criterion
+
+
+def make_step(model, criterion, cfg, amp, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+    others = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+    opt = torch.optim.AdamW([{"params": others}, {"params": backbone, "lr": cfg.train.lr_backbone}],
+                            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    wd = criterion.weight_dict
+
+    def step(images, mask, targets):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            out = model(images, mask)
+            losses = criterion(out, targets)
+            total = sum(losses[k] * wd[k] for k in losses if k in wd)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
+        opt.step()
+        return total.detach()
+    return step
+
+
+def eval_loss(model, criterion, amp, device, images, mask, targets):
+    model.eval()
+    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        out = model(images, mask)
+        losses = criterion(out, targets)
+        total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+    model.train()
+    return float(total)
+
+
+def count_syncs(fn, device) -> int | None:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--small", action="store_true", help="resnet18, batch 2, images up to 256x320 (for CPUs)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--variants", default="ref_fp32,ref_tf32,ref_compile,fast,fast_compile")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    device = a.device
+    small = a.small or device == "cpu"
+    overrides = ["model.num_classes=91", "model.dropout=0.1"]
+    if small:
+        overrides += ["model.backbone=resnet18"]
+        B, H, W = a.batch or 2, 256, 320
+    else:
+        overrides += ["model.backbone=resnet50"]
+        B, H, W = a.batch or 8, 800, 1333
+    variants = [v for v in a.variants.split(",") if v]
+    print(environment(device), flush=True)
+    print(f"batch {B}, images up to {H}x{W}, {'resnet18' if small else 'resnet50'}, 6+6 layers, aux loss", flush=True)
+    images, mask, targets = make_batch(B, H, W, 91, device)
+
+    torch.manual_seed(0)
+    _, base_model, _ = build(overrides, "ref_fp32", device)
+    base_state = copy.deepcopy(base_model.state_dict())
+    del base_model
+    rows = []
+    for name in variants:
+        v = VARIANTS[name]
+        torch.backends.cuda.matmul.allow_tf32 = v["tf32"]
+        torch.backends.cudnn.allow_tf32 = v["tf32"]
+        cfg, model, criterion = build(overrides, name, device)
+        model.load_state_dict(base_state, strict=True)
+        loss = eval_loss(model, criterion, v["amp"], device, images, mask, targets)
+        if v["compile"]:
+            model = torch.compile(model)
+        step = make_step(model, criterion, cfg, v["amp"], device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            ms = median_ms(lambda: step(images, mask, targets), device, warmup=a.warmup, iters=a.iters)
+        except Exception as exc:  # report and go on with the other variants
+            print(f"{name}: failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        syncs = count_syncs(lambda: step(images, mask, targets), device)
+        row = {"variant": name, "ms_per_step": ms, "img_per_s": B * 1e3 / ms, "loss_same_batch": loss,
+               "syncs_per_step": syncs}
+        if device == "cuda":
+            row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+        print(f"{name}: {ms:.1f} ms/step", flush=True)
+        del model, criterion, step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        if "ref_tf32" in by:
+            r["x_ref_tf32"] = by["ref_tf32"]["ms_per_step"] / r["ms_per_step"]
+        if "ref_compile" in by:
+            r["x_ref_compile"] = by["ref_compile"]["ms_per_step"] / r["ms_per_step"]
+    cols = ["variant", "ms_per_step", "img_per_s", "x_ref_tf32", "x_ref_compile", "peak_mem_GiB", "syncs_per_step",
+            "loss_same_batch"]
+    print(format_table(rows, cols))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"environment": environment(device), "batch": [B, H, W], "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one script a lent-GPU session runs: build the extension for the GPU, validate every op against its
+# reference, run the CUDA tests, the kernel and attention microbenchmarks, the training-step benchmark and (when
+# DALI was brought over) the data benchmark; print a short summary last. Full logs go under $OUT (or ./gpu_out).
+#
+#   bash benchmarks/gpu_check.sh                 # everything
+#   STAGES="build validate tests" bash benchmarks/gpu_check.sh
+#   STEP_VARIANTS=ref_tf32,fast bash benchmarks/gpu_check.sh
+#
+# DALI and pycocotools are not on the lent machines: when /tmp/chunks holds the parts made by
+# shared/tools/gpu-wheels.sh, they are installed into /tmp/site first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+PY=${PYTHON:-python3}
+STAGES=${STAGES:-"wheels build validate tests bench_ops bench_attention bench_step bench_data"}
+STEP_VARIANTS=${STEP_VARIANTS:-ref_fp32,ref_tf32,ref_compile,fast,fast_compile}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SUMMARY=()
+
+stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, remember rc and time
+  local name=$1 limit=$2; shift 2
+  case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  echo "=== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  SUMMARY+=("$(printf '%-16s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  tail -n 25 "$OUT/$name.log"
+}
+
+install_wheels() {
+  [ -d /tmp/chunks ] || { echo "no /tmp/chunks: DALI and pycocotools not installed"; return 0; }
+  cat /tmp/chunks/part_* | tar x -C /tmp && \
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl
+}
+
+nvidia-smi -L 2>&1 | tee "$OUT/env.txt"
+$PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" \
+  2>&1 | tee -a "$OUT/env.txt"
+
+stage wheels 90 install_wheels
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+stage build 300 $PY setup.py build_ext --inplace
+stage validate 120 $PY -m detr_fast validate --device cuda
+stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider tests
+stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
+if [ -f benchmarks/bench_attention.py ]; then
+  stage bench_attention 120 $PY benchmarks/bench_attention.py --device cuda
+fi
+stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" --json "$OUT/bench_step.json"
+if $PY -c "import nvidia.dali" 2>/dev/null && [ -f benchmarks/bench_data.py ]; then
+  stage bench_data 120 $PY benchmarks/bench_data.py --device cuda --make-jpegs "$OUT/../jpegs" --threads 4
+fi
+
+echo
+echo "=== summary ($(head -n1 "$OUT/env.txt"))"
+for line in "${SUMMARY[@]}"; do echo "$line"; done
+for f in bench_ops bench_attention bench_step bench_data; do
+  [ -f "$OUT/$f.log" ] && { echo "--- $f"; grep -E '\|' "$OUT/$f.log" | tail -n 40; }
+done
+exit 0

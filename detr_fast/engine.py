@@ -1,0 +1,425 @@
+"""The training loop: `train(cfg)` behind `python -m detr_fast train` (and torchrun for several processes).
+
+One step: batch to the device, forward (optionally under bf16/fp16 autocast), set criterion, weighted sum,
+backward, grad-norm clip, AdamW step. Nothing in the step reads a device value on the host: the losses are summed
+on the device and read back only every `train.log_every` steps and at the end of the epoch (each read is marked
+`# host sync`). The fp16 GradScaler is the one exception: its step checks for infs on the host.
+
+Per epoch: one JSON line in output_dir/log.jsonl, a COCO evaluation every `train.eval_every` epochs and at the
+last one (output_dir/eval_epochNNN.json), and output_dir/checkpoint.pth written atomically. `train.resume`
+continues a run so that the next step's loss equals that of the uninterrupted run: the checkpoint carries the
+optimizer, LR schedule and every rank's RNG states, the loader reshuffles from (seed, epoch), and evaluation does
+not consume the training RNG streams.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from detr_fast import dist
+from detr_fast.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state,
+                                  unwrap)
+from detr_fast.config import Config, config_from_dict
+from detr_fast.evaluation import autocast_context, evaluate, format_stats
+
+
+# ------------------------------------------------------------------------------------------------- small helpers
+
+def log(msg: str) -> None:
+    """Print on rank 0 only."""
+    if dist.is_main_process():
+        print(msg, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def resolve_device_type(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available (use train.device=cpu or auto)")
+    return name
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: `epoch 3/12  40/125 [#####.....] loss 1.234  156.2 img/s`.
+
+    On a terminal the line is redrawn in place; otherwise (a log file, CI) each update is a plain line.
+    Disabled bars (ranks other than 0) print nothing.
+    """
+
+    def __init__(self, desc: str, total: int | None, stream=None, enabled: bool = True, width: int = 20):
+        self.desc, self.total, self.width, self.enabled = desc, total, width, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._shown = 0
+
+    def render(self, step: int, fields: dict) -> str:
+        if self.total:
+            done = int(self.width * min(step, self.total) / self.total)
+            bar = f"{step}/{self.total} [{'#' * done}{'.' * (self.width - done)}]"
+        else:
+            bar = f"{step}"
+        extra = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) and k != "img/s" else
+                          (f"{v:.1f} {k}" if k == "img/s" else f"{k} {v}") for k, v in fields.items())
+        return f"{self.desc}  {bar}  {extra}".rstrip()
+
+    def update(self, step: int, **fields) -> None:
+        if not self.enabled:
+            return
+        line = self.render(step, fields)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._shown))
+            self._shown = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+        self._shown = 0
+
+
+# ----------------------------------------------------------------------------------------------- model building
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
+    """AdamW with DETR's two groups: non-backbone parameters at train.lr, backbone parameters at
+    train.lr_backbone (train.lr_backbone <= 0 freezes the backbone). Returns (optimizer, StepLR)."""
+    t = cfg.train
+    rest, backbone = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (backbone if name.startswith("backbone.") else rest).append(p)
+    groups = [{"params": rest, "lr": t.lr}]
+    if backbone:
+        if t.lr_backbone > 0:
+            groups.append({"params": backbone, "lr": t.lr_backbone})
+        else:
+            for p in backbone:
+                p.requires_grad_(False)
+    kwargs = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(t.lr_drop, 1), gamma=0.1)
+    return optimizer, scheduler
+
+
+def _default_model(cfg):
+    from detr_fast.models import build_detr
+    return build_detr(cfg)
+
+
+def _default_criterion(cfg):
+    from detr_fast.criterion import build_criterion
+    return build_criterion(cfg)
+
+
+def _default_loader(cfg, split, distributed=False, rank=0, world_size=1):
+    from detr_fast.data import build_loader
+    return build_loader(cfg, split, distributed=distributed, rank=rank, world_size=world_size)
+
+
+def _prepare_data(cfg) -> None:
+    from detr_fast.data import ensure_dataset
+    ensure_dataset(cfg)
+
+
+# --------------------------------------------------------------------------------------------------- one epoch
+
+def _set_loader_epoch(loader, epoch: int) -> None:
+    """Tell the sampler which epoch it is, so the shuffle comes from (seed, epoch)."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+def train_step(model, criterion, batch, optimizer, *, amp_ctx, scaler, clip_max_norm: float, weights=None,
+               keys=None):
+    """One optimization step on one batch (already on the device). No host sync (except fp16's GradScaler).
+
+    Returns (keys, weights, row): the sorted loss names, their weights [K] and the detached row [1 + K]
+    = (weighted total, each loss) on the device.
+    """
+    with amp_ctx():
+        out = model(batch.images, batch.mask)
+    losses = criterion(out, batch.targets)  # the criterion computes in fp32 outside autocast
+    if keys is None:
+        keys = sorted(losses)
+        wd = criterion.weight_dict
+        weights = torch.tensor([float(wd.get(k, 0.0)) for k in keys], device=batch.images.device)  # [K]
+    vals = torch.stack([losses[k].float() for k in keys])  # [K]
+    total = (vals * weights).sum()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if clip_max_norm > 0:
+        scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, clip_max_norm)  # returns a device tensor; not read
+    scaler.step(optimizer)
+    scaler.update()
+    return keys, weights, torch.cat((total.detach()[None], vals.detach()))
+
+
+def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg: Config, *, amp_ctx, scaler,
+                    bar: ProgressBar) -> dict:
+    """Train one epoch; returns {loss, loss_ce, ... (means over the epoch and all ranks), steps, images, skipped,
+    time_s, img_per_s}."""
+    t = cfg.train
+    model.train()
+    criterion.train()
+    steps_total = len(loader) if hasattr(loader, "__len__") else 0
+    if t.max_steps_per_epoch:
+        steps_total = min(steps_total, t.max_steps_per_epoch) if steps_total else t.max_steps_per_epoch
+    bar.total = steps_total or None
+    keys = weights = None
+    epoch_sum = win_sum = None
+    steps = win_steps = images = win_images = skipped = last_shown = 0
+    t_epoch = t_win = time.perf_counter()
+    for step, batch in enumerate(loader):
+        if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
+            break
+        skipped += int(getattr(batch, "skipped", 0))
+        n_img = batch.images.shape[0]
+        if n_img == 0:  # every image of the batch was unreadable
+            if dist.get_world_size() > 1:  # skipping the step on one rank alone would leave the others waiting
+                raise RuntimeError(f"epoch {epoch} step {step}: rank {dist.get_rank()} got a batch whose images "
+                                   "were all unreadable; fix or remove those files")
+            continue
+        batch = batch.to(device, non_blocking=True)
+        keys, weights, row = train_step(model, criterion, batch, optimizer, amp_ctx=amp_ctx, scaler=scaler,
+                                        clip_max_norm=t.clip_max_norm, weights=weights, keys=keys)
+        epoch_sum = row if epoch_sum is None else epoch_sum + row
+        win_sum = row if win_sum is None else win_sum + row
+        steps, win_steps = steps + 1, win_steps + 1
+        images, win_images = images + n_img, win_images + n_img
+        if t.log_every > 0 and steps % t.log_every == 0:
+            win = (win_sum / win_steps).tolist()  # host sync: loss read-back every log_every steps
+            now = time.perf_counter()
+            if not math.isfinite(win[0]):
+                raise FloatingPointError(f"epoch {epoch} step {steps}: loss is {win[0]} "
+                                         f"({dict(zip(keys, win[1:]))}); stopping")
+            bar.update(steps, loss=win[0], **{"img/s": win_images / max(now - t_win, 1e-9)})
+            last_shown = steps
+            win_sum, win_steps, win_images, t_win = None, 0, 0, now
+    if epoch_sum is None:
+        raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
+    # epoch means, averaged over ranks; image and skip counts summed over ranks
+    stats = torch.cat((epoch_sum / steps, torch.tensor([images, skipped], dtype=epoch_sum.dtype, device=device)))
+    dist.all_reduce_sum_(stats)
+    stats = stats.tolist()  # host sync: epoch end
+    elapsed = time.perf_counter() - t_epoch
+    world = dist.get_world_size()
+    k = len(keys) + 1
+    means = [v / world for v in stats[:k]]
+    if not math.isfinite(means[0]):
+        raise FloatingPointError(f"epoch {epoch}: mean loss is {means[0]}; stopping")
+    if bar.tty or last_shown != steps:  # the epoch means (a plain-text log already holds the last window's line)
+        bar.update(steps, loss=means[0], **{"img/s": stats[k] / max(elapsed, 1e-9)})
+    bar.close()
+    result = {"loss": means[0], **dict(zip(keys, means[1:]))}
+    result.update(steps=steps, images=int(stats[k]), skipped=int(stats[k + 1]), time_s=elapsed,
+                  img_per_s=stats[k] / max(elapsed, 1e-9))
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- train
+
+def _evaluate_keeping_rng(model, loader, device, amp, path) -> tuple[dict, str]:
+    """COCO evaluation that leaves every RNG stream as it found it (so evaluating or not does not change the
+    training that follows). Returns (stats, the 12-line table; empty on ranks other than 0)."""
+    state = rng_state()
+    printed: list[str] = []
+    try:
+        return evaluate(model, loader, device, amp=amp, output_path=path, log=printed.append), "\n".join(printed)
+    finally:
+        set_rng_state(state)
+
+
+def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callable | None = None,
+          loader_fn: Callable | None = None) -> dict:
+    """Train (and evaluate) DETR as cfg says; returns {"epochs": [per-epoch records], "eval": last AP dict,
+    "output_dir": str}. model_fn(cfg), criterion_fn(cfg) and loader_fn(cfg, split, distributed, rank,
+    world_size) replace the default builders (tests use them); with the default loader the dataset is prepared
+    (the shapes set generated) first."""
+    t = cfg.train
+    device_type = resolve_device_type(t.device)
+    rank, world, local_rank = dist.init_distributed(device_type)
+    device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device()) \
+        if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        # TF32 matmuls/convolutions, as in the reference measurements (DESIGN.md section 4)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    main = dist.is_main_process()
+    out_dir = Path(t.output_dir)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(t.seed + rank)
+
+    if loader_fn is None:
+        if main:
+            _prepare_data(cfg)
+        dist.barrier()
+        loader_fn = _default_loader
+    train_loader = loader_fn(cfg, "train", distributed=world > 1, rank=rank, world_size=world)
+    val_loader = loader_fn(cfg, "val", distributed=world > 1, rank=rank, world_size=world)
+
+    model = (model_fn or _default_model)(cfg).to(device)
+    criterion = (criterion_fn or _default_criterion)(cfg).to(device)
+    if t.pretrained and not t.resume:
+        load_pretrained(model, t.pretrained, log=log)
+    optimizer, lr_scheduler = build_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
+    amp_ctx = autocast_context(device, t.amp)
+
+    start_epoch = 0
+    if t.resume:
+        ckpt = load_checkpoint(t.resume, map_location="cpu")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        lr_scheduler.load_state_dict(ckpt["lr_scheduler"])
+        if "scaler" in ckpt and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch = int(ckpt.get("loader_epoch", ckpt["epoch"] + 1))
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == world:
+            set_rng_state(rngs[rank])
+        else:
+            warnings.warn(f"{t.resume} holds RNG states for {len(rngs)} processes, this run has {world}; "
+                          "reseeding from train.seed and the epoch", stacklevel=2)
+            seed_everything(t.seed + rank + 1000 * start_epoch)
+        log(f"resumed from {t.resume}: epoch {start_epoch} of {t.epochs}")
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+
+    n_params = sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad)
+    log(f"detr_fast train: {world} process(es) on {device.type}, {n_params / 1e6:.2f} M trainable parameters, "
+        f"epochs {start_epoch}..{t.epochs - 1}, output {out_dir}")
+    log_path = out_dir / "log.jsonl"
+    if main and start_epoch == 0 and log_path.exists():
+        log_path.unlink()  # a fresh run in this folder starts a fresh log
+
+    t_start = time.time()
+    records, last_eval, last_table = [], {}, ""
+    for epoch in range(start_epoch, t.epochs):
+        _set_loader_epoch(train_loader, epoch)
+        bar = ProgressBar(f"epoch {epoch + 1}/{t.epochs}", None, enabled=main)
+        stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, cfg, amp_ctx=amp_ctx,
+                                scaler=scaler, bar=bar)
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips the optimizer step while it calibrates its scale; torch then warns that the
+            # scheduler stepped first, which is expected here
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            lr_scheduler.step()
+        over_time = bool(t.time_limit_min > 0 and time.time() - t_start >= 60.0 * t.time_limit_min)
+        over_time = bool(dist.broadcast_object(over_time))
+        last = epoch == t.epochs - 1 or over_time
+        rec = {"epoch": epoch, "train_loss": stats["loss"]}
+        rec.update({f"train_{k}": v for k, v in stats.items() if k.startswith("loss_")})
+        rec.update(lr=lrs[0], lr_backbone=lrs[1] if len(lrs) > 1 else None, img_per_s=stats["img_per_s"],
+                   epoch_time_s=stats["time_s"], steps=stats["steps"], images=stats["images"],
+                   skipped=stats["skipped"])
+        if (t.eval_every > 0 and (epoch + 1) % t.eval_every == 0) or last:
+            last_eval, last_table = _evaluate_keeping_rng(model, val_loader, device, t.amp,
+                                                          out_dir / f"eval_epoch{epoch:03d}.json")
+            rec.update(last_eval)
+            rec["eval_epoch"] = epoch
+        rngs = dist.all_gather_object(rng_state())
+        if main:
+            save_checkpoint(out_dir / "checkpoint.pth", model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                            epoch=epoch, config=cfg.to_dict(), rng=rngs, scaler=scaler)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            msg = (f"epoch {epoch + 1}/{t.epochs}: loss {stats['loss']:.4f}  {stats['img_per_s']:.1f} img/s  "
+                   f"{stats['time_s']:.0f} s")
+            if stats["skipped"]:
+                msg += f"  skipped images {stats['skipped']}"
+            if "AP" in rec:
+                msg += f"  | {format_stats(last_eval)}"
+            log(msg)
+        records.append(rec)
+        if over_time:
+            log(f"time limit of {t.time_limit_min} min reached after epoch {epoch + 1}; stopping")
+            break
+    if main and records:
+        try:
+            from detr_fast.plot import plot_curves
+
+            png = plot_curves(log_path, out_dir / "curves.png")
+            log(f"curves: {png}")
+        except Exception as exc:  # a plotting problem must not lose a finished run
+            warnings.warn(f"could not draw the training curves: {exc}", stacklevel=2)
+        if last_eval:
+            log(f"COCO evaluation after epoch {records[-1]['epoch'] + 1} "
+                f"({out_dir / ('eval_epoch%03d.json' % records[-1]['epoch'])}):")
+            log(last_table)
+    dist.barrier()
+    return {"epochs": records, "eval": last_eval, "output_dir": str(out_dir)}
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` overrides to an existing Config with the same checks as load_config."""
+    import typing
+
+    from detr_fast.config import _apply, parse_override, rhs_str, validate
+
+    for text in overrides:
+        section, key, value = parse_override(text)
+        sec_type = typing.get_type_hints(Config).get(section)
+        if sec_type is not None and typing.get_type_hints(sec_type).get(key) is str and not isinstance(value, str):
+            value = rhs_str(text)  # a bare number given for a string field (a path) stays a string
+        _apply(cfg, section, key, value, "override")
+    return validate(cfg)
+
+
+def evaluate_checkpoint(cfg: Config | None, checkpoint: str, overrides: list[str] | None = None,
+                        output: str | None = None, loader_fn: Callable | None = None) -> dict:
+    """`detr-fast eval`: load weights (official DETR or ours) and run the COCO evaluation on the val split.
+
+    cfg None: the config stored in a detr_fast checkpoint, with `overrides` applied.
+    """
+    if cfg is None:
+        from detr_fast.checkpoint import load_file
+        from detr_fast.config import ConfigError
+
+        stored = load_file(checkpoint).get("config")
+        if stored is None:
+            raise ConfigError(f"{checkpoint} holds no config; pass --config")
+        cfg = apply_overrides(config_from_dict(stored), overrides or [])
+    device_type = resolve_device_type(cfg.train.device)
+    rank, world, local_rank = dist.init_distributed(device_type)
+    device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device()) \
+        if device_type == "cuda" else torch.device("cpu")
+    if loader_fn is None:
+        if dist.is_main_process():
+            _prepare_data(cfg)
+        dist.barrier()
+        loader_fn = _default_loader
+    loader = loader_fn(cfg, "val", distributed=world > 1, rank=rank, world_size=world)
+    model = _default_model(cfg).to(device)
+    load_pretrained(model, checkpoint, log=log)
+    out = Path(output) if output else Path(cfg.train.output_dir) / "eval.json"
+    stats = evaluate(model, loader, device, amp=cfg.train.amp, output_path=out, log=log)
+    log(f"saved {out}")
+    return stats

@@ -1,0 +1,75 @@
+"""The DETR detector: backbone -> 1x1 input projection -> transformer -> class and box heads."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detr_fast.models.backbone import Backbone, Joiner
+from detr_fast.models.fold import fold_frozen_bn
+from detr_fast.models.position_encoding import PositionEmbeddingSine
+from detr_fast.models.transformer import Transformer
+
+
+class MLP(nn.Module):
+    """num_layers Linear layers with ReLU between them (keys bbox_embed.layers.{i}.weight)."""
+
+    def __init__(self, in_dim, hidden_dim, out_dim, num_layers):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims, dims[1:] + [out_dim]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DETR(nn.Module):
+    def __init__(self, backbone: Joiner, transformer: Transformer, num_classes: int, num_queries: int,
+                 aux_loss: bool = True):
+        super().__init__()
+        d = transformer.d_model
+        self.num_queries, self.num_classes, self.aux_loss = num_queries, num_classes, aux_loss
+        self.transformer = transformer
+        self.class_embed = nn.Linear(d, num_classes + 1)
+        self.bbox_embed = MLP(d, d, 4, 3)
+        self.query_embed = nn.Embedding(num_queries, d)
+        self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
+        self.backbone = backbone
+        self.channels_last = False
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
+        """images [B, 3, H, W] float, mask [B, H, W] bool (True = padding) ->
+        {pred_logits [B, Q, C+1], pred_boxes [B, Q, 4] (cxcywh in [0, 1] of the unpadded image),
+         aux_outputs: [{pred_logits, pred_boxes}] for decoder layers 0..L-2}."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        feat, m, pos = self.backbone(images, mask)
+        hs = self.transformer(self.input_proj(feat), m, self.query_embed.weight, pos)  # [L, B, Q, d]
+        logits = self.class_embed(hs)  # [L, B, Q, C+1]
+        boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+        if self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+
+def build_detr(cfg) -> DETR:
+    """Build DETR from a Config (detr_fast.config)."""
+    m = cfg.model
+    train_backbone = cfg.train.lr_backbone > 0
+    backbone = Backbone(m.backbone, train_backbone=train_backbone, frozen_bn=m.frozen_bn, weights=m.backbone_weights,
+                        light_channels=m.light_channels)
+    if m.fold_bn and m.frozen_bn and m.backbone != "light":
+        fold_frozen_bn(backbone)
+    joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
+    transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
+                              attn_impl=m.attention)
+    model = DETR(joiner, transformer, m.num_classes, m.num_queries, aux_loss=m.aux_loss)
+    if m.channels_last:
+        model.channels_last = True
+        model.backbone.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,140 @@
+"""DETR model: output shapes, official state-dict key names and shapes, attention implementations agree."""
+import pytest
+import torch
+
+from detr_fast.config import load_config
+from detr_fast.models import build_detr
+
+
+def small_cfg(**over):
+    sets = ["model.backbone=light", "model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4",
+            "model.enc_layers=2", "model.dec_layers=3", "model.dim_feedforward=64", "model.num_queries=7",
+            "model.num_classes=5", "model.dropout=0.0"]
+    sets += [f"{k}={v}" for k, v in over.items()]
+    return load_config(None, sets)
+
+
+def _batch(B=2, H=67, W=91, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, H, W, generator=g)
+    mask = torch.zeros(B, H, W, dtype=torch.bool)
+    mask[1, 50:, :] = True  # second image is 50 x 70, padded
+    mask[1, :, 70:] = True
+    return images, mask
+
+
+def test_output_shapes():
+    cfg = small_cfg()
+    model = build_detr(cfg).eval()
+    images, mask = _batch()
+    out = model(images, mask)
+    assert out["pred_logits"].shape == (2, 7, 6)
+    assert out["pred_boxes"].shape == (2, 7, 4)
+    assert len(out["aux_outputs"]) == 2
+    for a in out["aux_outputs"]:
+        assert a["pred_logits"].shape == (2, 7, 6) and a["pred_boxes"].shape == (2, 7, 4)
+    assert ((out["pred_boxes"] > 0) & (out["pred_boxes"] < 1)).all()
+    assert torch.isfinite(out["pred_logits"]).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "fused"])
+def test_masked_memory_positions_do_not_influence_the_decoder(impl):
+    """Features at padded positions are keys the transformer must ignore: changing them changes nothing."""
+    from detr_fast.models.transformer import Transformer
+    torch.manual_seed(0)
+    tr = Transformer(32, 4, 2, 2, 64, 0.0, attn_impl=impl).eval()
+    src = torch.randn(2, 32, 5, 6)
+    pos = torch.randn(2, 32, 5, 6)
+    mask = torch.zeros(2, 5, 6, dtype=torch.bool)
+    mask[1, 3:, :] = True
+    q = torch.randn(7, 32)
+    hs = tr(src, mask, q, pos)
+    src2, pos2 = src.clone(), pos.clone()
+    src2[1, :, 3:, :] = 50.0
+    pos2[1, :, 3:, :] = -7.0
+    hs2 = tr(src2, mask, q, pos2)
+    assert hs.shape == (2, 2, 7, 32)
+    torch.testing.assert_close(hs, hs2)
+    src2[1, :, 0, 0] = 50.0  # an unpadded position does matter
+    assert not torch.allclose(tr(src2, mask, q, pos2)[:, 1], hs[:, 1])
+
+
+R50_SHAPES = {
+    "backbone.0.body.conv1.weight": (64, 3, 7, 7),
+    "backbone.0.body.bn1.running_var": (64,),
+    "backbone.0.body.layer1.0.conv1.weight": (64, 64, 1, 1),
+    "backbone.0.body.layer1.0.downsample.0.weight": (256, 64, 1, 1),
+    "backbone.0.body.layer4.2.conv3.weight": (2048, 512, 1, 1),
+    "backbone.0.body.layer4.2.bn3.bias": (2048,),
+    "input_proj.weight": (256, 2048, 1, 1),
+    "input_proj.bias": (256,),
+    "query_embed.weight": (100, 256),
+    "class_embed.weight": (92, 256),
+    "class_embed.bias": (92,),
+    "bbox_embed.layers.0.weight": (256, 256),
+    "bbox_embed.layers.2.weight": (4, 256),
+    "transformer.encoder.layers.0.self_attn.in_proj_weight": (768, 256),
+    "transformer.encoder.layers.5.self_attn.out_proj.weight": (256, 256),
+    "transformer.encoder.layers.5.linear1.weight": (2048, 256),
+    "transformer.encoder.layers.5.norm2.bias": (256,),
+    "transformer.decoder.layers.0.multihead_attn.in_proj_bias": (768,),
+    "transformer.decoder.layers.5.norm3.weight": (256,),
+    "transformer.decoder.norm.weight": (256,),
+}
+
+
+def test_r50_state_dict_matches_official_names_and_shapes():
+    cfg = load_config("configs/detr_r50_coco.yaml")
+    sd = build_detr(cfg).state_dict()
+    for k, shape in R50_SHAPES.items():
+        assert k in sd, k
+        assert tuple(sd[k].shape) == shape, k
+    # the official checkpoint's key families, nothing more
+    prefixes = ("backbone.0.body.", "transformer.encoder.layers.", "transformer.decoder.layers.",
+                "transformer.decoder.norm.", "class_embed.", "bbox_embed.layers.", "query_embed.", "input_proj.")
+    assert all(k.startswith(prefixes) for k in sd), [k for k in sd if not k.startswith(prefixes)]
+    assert not any("num_batches_tracked" in k for k in sd)  # FrozenBatchNorm2d
+    assert not any(k.startswith("transformer.encoder.norm") for k in sd)  # post-norm: no encoder norm
+    # 6 encoder layers x 12 tensors, 6 decoder layers x 18 tensors, the decoder norm 2
+    n_tr = sum(k.startswith("transformer.") for k in sd)
+    assert n_tr == 6 * 12 + 6 * 18 + 2
+    assert sum(p.numel() for p in build_detr(cfg).parameters()) == 41_524_768
+    # stem and layer1 frozen, layers 2-4 trainable (as in the paper)
+    model = build_detr(cfg)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert not grads["backbone.0.body.conv1.weight"]
+    assert not grads["backbone.0.body.layer1.0.conv1.weight"]
+    assert grads["backbone.0.body.layer2.0.conv1.weight"]
+
+
+def test_attention_impls_agree_on_same_weights():
+    torch.manual_seed(0)
+    m_ref = build_detr(small_cfg(**{"model.attention": "reference"})).eval()
+    m_fused = build_detr(small_cfg(**{"model.attention": "fused"})).eval()
+    m_fused.load_state_dict(m_ref.state_dict(), strict=True)
+    images, mask = _batch()
+    with torch.no_grad():
+        a, b = m_ref(images, mask), m_fused(images, mask)
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet34", 512)])
+def test_smaller_resnets(name, channels):
+    cfg = small_cfg(**{"model.backbone": name})
+    model = build_detr(cfg).eval()
+    assert model.input_proj.weight.shape[1] == channels
+    out = model(*_batch(H=64, W=64))
+    assert out["pred_boxes"].shape == (2, 7, 4)
+
+
+def test_backbone_weights_from_local_file(tmp_path):
+    from torchvision.models import resnet18
+    net = resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(net.state_dict(), path)
+    model = build_detr(small_cfg(**{"model.backbone": "resnet18", "model.backbone_weights": str(path)}))
+    torch.testing.assert_close(model.backbone[0].body.layer3[0].conv1.weight, net.layer3[0].conv1.weight)
+    torch.save({"bogus.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="do not fit"):
+        build_detr(small_cfg(**{"model.backbone": "resnet18", "model.backbone_weights": str(path)}))
