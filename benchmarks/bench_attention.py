@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +113,7 @@ def main(argv=None):
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     dev = a.device
+    warnings.filterwarnings("ignore", category=UserWarning)  # SDPA explains each refusal in a warning
     print(environment(dev), flush=True)
     sdpa = sdpa_fns()
     rows = []
