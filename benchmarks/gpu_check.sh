@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"wheels build validate tests bench_ops bench_attention bench_step bench_data"}
+STAGES=${STAGES:-"wheels build validate tests bench_ops bench_assignment bench_attention bench_step bench_data"}
 STEP_VARIANTS=${STEP_VARIANTS:-ref_fp32,ref_tf32,ref_compile,fast,fast_compile}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY=()
@@ -47,19 +47,26 @@ stage wheels 90 install_wheels
 stage build 300 $PY setup.py build_ext --inplace
 stage validate 120 $PY -m detr_fast validate --device cuda
 stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider tests
-stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --json "$OUT/bench_ops.json"
+# torch.compile(reference) only for the target shapes: compiling every shape would take minutes
+COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 "}
+stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment \
+  --compile-filter "$COMPILE_FILTER" --json "$OUT/bench_ops.json"
+if [ -f benchmarks/bench_assignment.py ]; then
+  stage bench_assignment 120 $PY benchmarks/bench_assignment.py --device cuda --quick
+fi
 if [ -f benchmarks/bench_attention.py ]; then
-  stage bench_attention 120 $PY benchmarks/bench_attention.py --device cuda
+  stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 --json "$OUT/bench_attention.json"
 fi
 stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" --json "$OUT/bench_step.json"
 if $PY -c "import nvidia.dali" 2>/dev/null && [ -f benchmarks/bench_data.py ]; then
-  stage bench_data 120 $PY benchmarks/bench_data.py --device cuda --make-jpegs "$OUT/../jpegs" --threads 4
+  stage bench_data 150 $PY benchmarks/bench_data.py --device cuda --make-jpegs /tmp/jpegs --num-jpegs 1000 \
+    --threads 4 --batches 30 --repeats 2 --json "$OUT/bench_data.json"
 fi
 
 echo
 echo "=== summary ($(head -n1 "$OUT/env.txt"))"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
-for f in bench_ops bench_attention bench_step bench_data; do
+for f in bench_ops bench_assignment bench_attention bench_step bench_data; do
   [ -f "$OUT/$f.log" ] && { echo "--- $f"; grep -E '\|' "$OUT/$f.log" | tail -n 40; }
 done
 exit 0

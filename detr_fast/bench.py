@@ -89,8 +89,13 @@ def _runner(fn, args, kwargs, grad_args, backward: bool):
 
 
 def run_op_benchmarks(device: str, ops: list[str] | None = None, compile_ref: bool = True,
-                      iters: int = 20) -> list[dict]:
-    """Time every "bench" case of the registry on `device`; returns one row per (case, dtype, pass)."""
+                      iters: int = 20, compile_filter: str = "") -> list[dict]:
+    """Time every "bench" case of the registry on `device`; returns one row per (case, dtype, pass).
+
+    compile_filter: a regular expression over "<op> <case>"; torch.compile(reference) is timed only for the cases
+    it matches (empty: all). Compiling takes seconds per shape, so a GPU check names the cases that matter."""
+    import re
+
     import detr_fast.ops as ops_mod
     from detr_fast.ops import reference
     from detr_fast.ops.registry import cases
@@ -102,7 +107,7 @@ def run_op_benchmarks(device: str, ops: list[str] | None = None, compile_ref: bo
         ours_fn = getattr(ops_mod, case.op)
         ref_fn = getattr(reference, case.op)
         compiled = None
-        if compile_ref:
+        if compile_ref and (not compile_filter or re.search(compile_filter, f"{case.op} {case.name}")):
             try:
                 compiled = torch.compile(ref_fn, dynamic=False)
             except Exception:  # torch.compile unavailable on this platform
