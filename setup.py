@@ -33,6 +33,11 @@ def _extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
     define_macros = [("Py_LIMITED_API", "0x030b0000")]
     if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # no GPU to ask: build for Hopper (sm_90, the card this project targets) plus PTX that newer GPUs JIT;
+            # set TORCH_CUDA_ARCH_LIST (e.g. "8.0;9.0") to build for others
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+            print("detr_fast: no GPU visible; building CUDA kernels for TORCH_CUDA_ARCH_LIST=9.0+PTX")
         # torch's CUDA wheels ship cuBLAS & co. headers under nvidia/cu13/include; the local toolkit may lack them.
         try:
             import nvidia  # noqa: F401
