@@ -46,7 +46,7 @@ stage wheels 90 install_wheels
 [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 stage build 300 $PY setup.py build_ext --inplace
 stage validate 120 $PY -m detr_fast validate --device cuda
-stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider tests
+stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE tests
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 "}
 stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment \
