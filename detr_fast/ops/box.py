@@ -58,7 +58,9 @@ def box_loss(pred, target):
     if _kernel_for("box_loss", pred.device.type):
         l1, giou_loss = torch.ops.detr_fast.box_loss(pred, target)
         return l1, giou_loss
-    return reference.box_loss(pred, target)
+    # the fallback keeps the op's contract: fp16/bf16 inputs are computed and returned in fp32
+    dtype = _loss_dtype(pred, target)
+    return reference.box_loss(pred.to(dtype), target.to(dtype))
 
 
 def _loss_dtype(pred, target):
