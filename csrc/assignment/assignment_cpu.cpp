@@ -45,12 +45,10 @@ struct CpuScratch {
 // Set DETR_FAST_LA_STATS=1 to print per-call totals of the solver's work counters (tuning aid): problems solved,
 // problems that ran the auction, bidding rounds, rows left to stage 3, Dijkstra steps, certificate failures, row
 // scans (total work in units of Q operations) and team barriers (what one CUDA block per problem would sync).
+// Read on every call (one getenv), so tests can switch it.
 bool stats_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DETR_FAST_LA_STATS");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
+  const char* v = std::getenv("DETR_FAST_LA_STATS");
+  return v != nullptr && v[0] == '1';
 }
 
 at::Tensor linear_assignment_cpu(const at::Tensor& cost_in, const at::Tensor& num_targets) {

@@ -1,11 +1,13 @@
 // CUDA kernel of linear_assignment: every problem of the [*, B] batch in one launch, one thread block per problem,
 // running the solver of csrc/common/auction.h (the same code the CPU kernel runs with a team of one thread).
 //
-// Exactness, in short (the full argument is the header comment of csrc/common/auction.h): the auction (Bertsekas,
-// epsilon-scaling, Jacobi bidding by warps) is only epsilon-optimal; the result returned is the one of a shortest
-// augmenting path stage (Hungarian / Jonker-Volgenant, double precision) that keeps dual prices P >= 0 with every
-// row tight and every free column at price 0 (or, after a warm start, passes the explicit certificate (Z')), which
-// proves optimality by LP duality. Every stage has a fixed bound on its iterations, so no input can hang it.
+// Exactness, in short (the full argument is the header comment of csrc/common/auction.h): the auction warm start
+// (Bertsekas, Jacobi bidding by warps; one phase from zero prices for rectangular problems, epsilon-scaling for square
+// ones; which problems run it: DETR_FAST_LA_ENGINE, read on the host) is only epsilon-optimal; the result returned is
+// the one of a shortest augmenting path stage (Hungarian / Jonker-Volgenant, double precision) that keeps dual prices P
+// >= 0 with every row tight and every free column at price 0 (or, after a warm start, passes the explicit certificate
+// (Z')), which proves optimality by LP duality. Every stage has a fixed bound on its iterations, so no input can hang
+// it.
 //
 // No host-device sync. Invalid problems cannot raise from here: a problem whose real costs hold NaN or +-inf, or
 // whose num_targets lies outside [0, T], gets -2 in every query slot of its output. detr_fast.ops.assignment

@@ -95,13 +95,14 @@
 //   wide   100  100 794.8  894.8  1001.8        1181.3  794.8 10024.4 4562.8   (warm start lost: cold)
 //   detr   100  1     1.0    2.0    10.0           1.0    0.0    5.0    14.0
 //   detr   100  4     4.1    8.1    19.1           1.1    0.0   20.2    14.3
-// The auction always does more total work (scans: 2.5 - 8x, it reads every row at least three times: bid, stage 2,
-// certificate), but on the GPU the rows of a round are read in parallel and what counts is the sequential depth:
-// for 4 <= n <= Q / 2 it needs fewer barriers than cold SSP on DETR, uniform, tied and wide-range costs: 1.3x at
-// n = 4, 1.8x at n = 7, 2 - 5x at n = 30 (13x for tied costs, 300 x 100), 1.1 - 2x at n = Q / 2; above about 0.6 Q rows compete, the warm start loses most rows and cold SSP needs
-// fewer barriers; for square problems cold SSP needs fewer barriers on every family measured (the epsilon-scaled
-// Jacobi auction ends in a long tail of rounds with one or two bidders). So kAuto runs the auction for
-// 4 <= n <= Q / 2, which covers DETR's real shapes (7 or 30 targets among 100 or 300 queries), and cold SSP otherwise.
+// The auction always does more total work (scans: 2.5 - 3.7x for n <= Q / 2, up to 22x on square tied costs; it reads
+// every row at least three times: bid, stage 2, certificate), but on the GPU the rows of a round are read in parallel
+// and what counts is the sequential depth: for 4 <= n <= Q / 2 it needs fewer barriers than cold SSP on DETR, uniform,
+// tied and wide-range costs: 1.3x at n = 4, 1.8x at n = 7, 2 - 5x at n = 30 (13x for tied costs, 300 x 100), 1.1 - 2x
+// at n = Q / 2; above about 0.6 Q rows compete, the warm start loses most rows and cold SSP needs fewer barriers; for
+// square problems cold SSP needs fewer barriers on every family measured (the epsilon-scaled Jacobi auction ends in a
+// long tail of rounds with one or two bidders). So kAuto runs the auction for 4 <= n <= Q / 2, which covers DETR's real
+// shapes (7 or 30 targets among 100 or 300 queries), and cold SSP otherwise.
 #pragma once
 
 #include <cstdint>
