@@ -1,11 +1,15 @@
 """linear_assignment timings: the reference matcher (copy to host + scipy per image), scipy alone on host costs,
 and ours, on DETR-like costs for B = 8 / 64, Q = 100 / 300, T = 7 / 30 / 100 and L = 6 stacked decoder layers.
 
-    python benchmarks/bench_assignment.py [--device cuda] [--iters 20] [--quick]
+    python benchmarks/bench_assignment.py [--device cuda] [--iters 20] [--quick] [--engines auto,auction,ssp]
+
+--engines times ours once per solver engine (DETR_FAST_LA_ENGINE, see csrc/common/auction.h): the default auto, the
+auction warm start on every problem, cold shortest augmenting paths on every problem.
 
 Prints the device and versions, then a table of medians in milliseconds. Never asserts a time.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -31,6 +35,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="only B=64 Q=100 T=7/30, single and L=6")
+    ap.add_argument("--engines", default="auto", help="comma-separated DETR_FAST_LA_ENGINE values to time")
     a = ap.parse_args(argv)
     print(environment(a.device), flush=True)
     shapes = [(1, 64, 100, 7), (1, 64, 100, 30), (6, 64, 100, 7), (6, 64, 100, 30)]
@@ -48,8 +53,14 @@ def main(argv=None):
         row = {"L": L, "B": B, "Q": Q, "T": T}
         row["reference_ms"] = median_ms(lambda: reference.linear_assignment(cost_d, n_d), a.device, iters=few)
         row["scipy_only_ms"] = median_ms(lambda: scipy_only(host, n.numpy()), "cpu", iters=few)
-        row["ours_ms"] = median_ms(lambda: ops.linear_assignment(cost_d, n_d), a.device, iters=a.iters)
-        row["speedup"] = row["reference_ms"] / row["ours_ms"]
+        engines = a.engines.split(",")
+        for eng in engines:  # the engine is read from the environment on every call
+            os.environ["DETR_FAST_LA_ENGINE"] = eng
+            key = "ours_ms" if eng == "auto" else f"ours_{eng}_ms"
+            row[key] = median_ms(lambda: ops.linear_assignment(cost_d, n_d), a.device, iters=a.iters)
+        os.environ["DETR_FAST_LA_ENGINE"] = engines[0]
+        first = "ours_ms" if engines[0] == "auto" else f"ours_{engines[0]}_ms"
+        row["speedup"] = row["reference_ms"] / row[first]
         ours = ops.linear_assignment(cost_d, n_d).cpu()
         ref = reference.linear_assignment(cost, n)
         pick = lambda a_: torch.where(a_ >= 0, cost.double().gather(-1, a_.clamp(min=0)[..., None])[..., 0], 0)

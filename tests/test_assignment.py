@@ -205,3 +205,76 @@ def test_registry_cases(device):
                for dtype in c.dtypes]
     failed = [r for r in results if not r.passed]
     assert results and not failed, failed
+
+
+# Mostly rectangular sizes (n < Q), where the auction warm start and cold SSP differ most; a few near-square and
+# square ones. 5 families x 1,415 = 7,075 problems per engine.
+ENGINE_SIZES = [(2, 1, 200), (5, 3, 200), (8, 4, 200), (13, 6, 200), (21, 10, 150), (34, 12, 150), (60, 30, 60),
+                (100, 7, 80), (100, 30, 80), (100, 50, 30), (100, 90, 10), (150, 7, 40), (300, 30, 10), (300, 100, 5)]
+
+
+def _stats(text):
+    """Work counters printed by the CPU kernel with DETR_FAST_LA_STATS=1: {name: total} of the last call."""
+    line = [ln for ln in text.splitlines() if ln.startswith("linear_assignment_cpu:")][-1]
+    words = line.split(":", 1)[1].replace(",", " ").split()
+    return {name: int(words[k - 1]) if name == "problems" else int(words[k + 1])
+            for k, name in enumerate(words) if not name.lstrip("-").isdigit()}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("engine", ["auction", "ssp"])
+def test_forced_engine_matches_scipy(device, engine, monkeypatch, capfd):
+    """Each engine alone (the auction warm start on every problem, or cold SSP on every problem) is exact."""
+    monkeypatch.setenv("DETR_FAST_LA_ENGINE", engine)
+    monkeypatch.setenv("DETR_FAST_LA_STATS", "1")
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    count = 0
+    for family in FAMILIES:
+        for Q, T, num in ENGINE_SIZES:
+            n = torch.randint(0, T + 1, (num,), generator=gen)
+            n[0] = T
+            cost = make_costs(family, (num, Q, T), n, gen)
+            out = ops.linear_assignment(cost.to(device), n.to(device))
+            ours, ref, scale = totals(cost, n, out)
+            err = np.abs(ours - ref) - REL_TOL * scale
+            assert (err <= 0).all(), (f"seed {seed} {engine} {family} Q={Q} T={T}: worst problem {err.argmax()} "
+                                      f"ours {ours[err.argmax()]} scipy {ref[err.argmax()]}")
+            count += num
+            if device == "cpu":  # the forced engine really ran on every problem with targets
+                st = _stats(capfd.readouterr().err)
+                assert st["problems"] == num
+                assert st["auction"] == (int((n > 0).sum()) if engine == "auction" else 0)
+                if engine == "ssp":
+                    assert st["rounds"] == 0 and st["cold"] == 0
+    assert count >= 7000
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_uses_rectangular_auction_warm_start(family, monkeypatch, capfd):
+    """At DETR's shapes the default engine runs the auction and keeps most of its matching (few rows left to the
+    exact finish), with every certificate passing; the result is still scipy's optimum."""
+    monkeypatch.delenv("DETR_FAST_LA_ENGINE", raising=False)
+    monkeypatch.setenv("DETR_FAST_LA_STATS", "1")
+    gen = torch.Generator().manual_seed(_seed())
+    for Q, T in ((100, 7), (100, 30), (300, 30)):
+        B = 32
+        n = torch.full((B,), T, dtype=torch.int64)
+        cost = make_costs(family, (B, Q, T), n, gen)
+        out = ops.linear_assignment(cost, n)
+        st = _stats(capfd.readouterr().err)
+        assert st["auction"] == B and st["cold"] == 0
+        assert st["released"] < B * T // 2, st  # the warm start kept more than half of the rows
+        ours, ref, scale = totals(cost, n, out)
+        assert (np.abs(ours - ref) <= REL_TOL * scale).all()
+    # Square and near-square problems go to cold SSP by default.
+    n = torch.full((4,), 40, dtype=torch.int64)
+    ops.linear_assignment(make_costs(family, (4, 40, 40), n, gen), n)
+    st = _stats(capfd.readouterr().err)
+    assert st["auction"] == 0 and st["rounds"] == 0
+
+
+def test_bad_engine_env_raises(monkeypatch):
+    monkeypatch.setenv("DETR_FAST_LA_ENGINE", "greedy")
+    with pytest.raises(ValueError, match="DETR_FAST_LA_ENGINE"):
+        ops.linear_assignment(torch.rand(2, 6, 5), torch.tensor([5, 2]))

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common/checks.h"
@@ -38,6 +40,18 @@ inline Shape check_inputs(const at::Tensor& cost, const at::Tensor& num_targets)
   for (int64_t k = 0; k < d - 2; ++k) s.problems *= cost.size(k);
   s.out_sizes.assign(cost.sizes().begin(), cost.sizes().end() - 1);
   return s;
+}
+
+// Stage-1 engine of the solver (la::Engine in common/auction.h), from DETR_FAST_LA_ENGINE: "auto" (default, or
+// unset), "auction" (always warm-start with the auction) or "ssp" (always cold shortest augmenting paths). Read on
+// every call, so tests can switch it; any other value is an error.
+inline int engine_from_env() {
+  const char* v = std::getenv("DETR_FAST_LA_ENGINE");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return 0;
+  if (std::strcmp(v, "auction") == 0) return 1;
+  if (std::strcmp(v, "ssp") == 0) return 2;
+  DETR_CHECK(false, "DETR_FAST_LA_ENGINE must be auto, auction or ssp, got '", v, "'");
+  return 0;
 }
 
 // The solver reads float32 or float64; lower precisions are widened to float32 (exactly).

@@ -42,13 +42,13 @@ struct CpuScratch {
   }
 };
 
-// Set DETR_FAST_LA_STATS=1 to print per-call totals of the solver's work counters (tuning aid).
+// Set DETR_FAST_LA_STATS=1 to print per-call totals of the solver's work counters (tuning aid): problems solved,
+// problems that ran the auction, bidding rounds, rows left to stage 3, Dijkstra steps, certificate failures, row
+// scans (total work in units of Q operations) and team barriers (what one CUDA block per problem would sync).
+// Read on every call (one getenv), so tests can switch it.
 bool stats_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DETR_FAST_LA_STATS");
-    return v != nullptr && v[0] == '1';
-  }();
-  return on;
+  const char* v = std::getenv("DETR_FAST_LA_STATS");
+  return v != nullptr && v[0] == '1';
 }
 
 at::Tensor linear_assignment_cpu(const at::Tensor& cost_in, const at::Tensor& num_targets) {
@@ -65,8 +65,10 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost_in, const at::Tensor& nu
   if (P == 0 || Q == 0) return out;
   int64_t* out_p = out.data_ptr<int64_t>();
   std::atomic<int64_t> bad_problem{-1};
-  std::atomic<long long> sum_rounds{0}, sum_released{0}, sum_steps{0}, sum_cold{0};
+  std::atomic<long long> sum_rounds{0}, sum_released{0}, sum_steps{0}, sum_cold{0}, sum_auction{0}, sum_scans{0},
+      sum_barriers{0};
   const bool want_stats = stats_enabled();
+  const int engine = assignment::engine_from_env();
 
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_assignment_cpu", [&] {
     const scalar_t* cost_p = cost.data_ptr<scalar_t>();
@@ -89,7 +91,7 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost_in, const at::Tensor& nu
         la::SeqTeam team;
         la::Stats st;
         const la::CostView<double> view{cc, Q, 1};
-        if (la::solve(team, view, n, static_cast<int>(Q), ws, o, want_stats ? &st : nullptr) != 0) {
+        if (la::solve(team, view, n, static_cast<int>(Q), ws, o, want_stats ? &st : nullptr, engine) != 0) {
           int64_t expected = -1;
           bad_problem.compare_exchange_strong(expected, p);
           continue;
@@ -99,14 +101,19 @@ at::Tensor linear_assignment_cpu(const at::Tensor& cost_in, const at::Tensor& nu
           sum_released += st.released;
           sum_steps += st.steps;
           sum_cold += st.cold;
+          sum_auction += st.auction;
+          sum_scans += st.scans;
+          sum_barriers += team.barriers;
         }
       }
     });
   });
   if (want_stats) {
-    std::fprintf(stderr, "linear_assignment_cpu: %lld problems, rounds %lld, released %lld, steps %lld, cold %lld\n",
-                 static_cast<long long>(P), sum_rounds.load(), sum_released.load(), sum_steps.load(),
-                 sum_cold.load());
+    std::fprintf(stderr,
+                 "linear_assignment_cpu: %lld problems, auction %lld, rounds %lld, released %lld, steps %lld, "
+                 "cold %lld, scans %lld, barriers %lld\n",
+                 static_cast<long long>(P), sum_auction.load(), sum_rounds.load(), sum_released.load(),
+                 sum_steps.load(), sum_cold.load(), sum_scans.load(), sum_barriers.load());
   }
   const int64_t bad = bad_problem.load();
   DETR_CHECK(bad < 0, "cost holds NaN or infinite values among the real targets (problem ", bad,

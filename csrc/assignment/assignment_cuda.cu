@@ -1,11 +1,13 @@
 // CUDA kernel of linear_assignment: every problem of the [*, B] batch in one launch, one thread block per problem,
 // running the solver of csrc/common/auction.h (the same code the CPU kernel runs with a team of one thread).
 //
-// Exactness, in short (the full argument is the header comment of csrc/common/auction.h): the auction (Bertsekas,
-// epsilon-scaling, Jacobi bidding by warps) is only epsilon-optimal; the result returned is the one of a shortest
-// augmenting path stage (Hungarian / Jonker-Volgenant, double precision) that keeps dual prices P >= 0 with every
-// row tight and every free column at price 0 (or, after a warm start, passes the explicit certificate (Z')), which
-// proves optimality by LP duality. Every stage has a fixed bound on its iterations, so no input can hang it.
+// Exactness, in short (the full argument is the header comment of csrc/common/auction.h): the auction warm start
+// (Bertsekas, Jacobi bidding by warps; one phase from zero prices for rectangular problems, epsilon-scaling for square
+// ones; which problems run it: DETR_FAST_LA_ENGINE, read on the host) is only epsilon-optimal; the result returned is
+// the one of a shortest augmenting path stage (Hungarian / Jonker-Volgenant, double precision) that keeps dual prices P
+// >= 0 with every row tight and every free column at price 0 (or, after a warm start, passes the explicit certificate
+// (Z')), which proves optimality by LP duality. Every stage has a fixed bound on its iterations, so no input can hang
+// it.
 //
 // No host-device sync. Invalid problems cannot raise from here: a problem whose real costs hold NaN or +-inf, or
 // whose num_targets lies outside [0, T], gets -2 in every query slot of its output. detr_fast.ops.assignment
@@ -101,7 +103,8 @@ __host__ __device__ inline int64_t workspace_bytes(int64_t Q) {
 template <typename scalar_t, bool kCache>
 __global__ void __launch_bounds__(256) linear_assignment_kernel(const scalar_t* __restrict__ cost,
                                                                 const int64_t* __restrict__ num_targets,
-                                                                int64_t* __restrict__ out, int B, int Q, int T) {
+                                                                int64_t* __restrict__ out, int B, int Q, int T,
+                                                                int engine) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t p = blockIdx.x;
   const int64_t nt64 = num_targets[p % B];
@@ -142,23 +145,23 @@ __global__ void __launch_bounds__(256) linear_assignment_kernel(const scalar_t* 
     }
     __syncthreads();
     const la::CostView<scalar_t> view{cc, Q, 1};
-    la::solve(team, view, n, Q, ws, o, nullptr);
+    la::solve(team, view, n, Q, ws, o, nullptr, engine);
   } else {
     const la::CostView<scalar_t> view{g, 1, T};
-    la::solve(team, view, n, Q, ws, o, nullptr);
+    la::solve(team, view, n, Q, ws, o, nullptr, engine);
   }
 }
 
 template <typename scalar_t, bool kCache>
 void launch(const at::Tensor& cost, const at::Tensor& nt, at::Tensor& out, int64_t P, int B, int Q, int T,
-            int64_t smem, cudaStream_t stream) {
+            int64_t smem, int engine, cudaStream_t stream) {
   auto kernel = linear_assignment_kernel<scalar_t, kCache>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const int threads = Q <= 128 ? 128 : 256;
   kernel<<<static_cast<unsigned>(P), threads, smem, stream>>>(cost.data_ptr<scalar_t>(), nt.data_ptr<int64_t>(),
-                                                                 out.data_ptr<int64_t>(), B, Q, T);
+                                                                 out.data_ptr<int64_t>(), B, Q, T, engine);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -173,14 +176,15 @@ at::Tensor linear_assignment_cuda(const at::Tensor& cost_in, const at::Tensor& n
   DETR_CHECK(P < (int64_t{1} << 31), "linear_assignment: too many problems (", P, ")");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t base = workspace_bytes(Q);
+  const int engine = assignment::engine_from_env();
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "linear_assignment_cuda", [&] {
     const int64_t cache = align16(Q * T * static_cast<int64_t>(sizeof(scalar_t)));
     if (cache <= kCostCacheBytes) {
       launch<scalar_t, true>(cost, nt, out, P, static_cast<int>(shape.B), static_cast<int>(Q), static_cast<int>(T),
-                             base + cache, stream);
+                             base + cache, engine, stream);
     } else {
       launch<scalar_t, false>(cost, nt, out, P, static_cast<int>(shape.B), static_cast<int>(Q), static_cast<int>(T),
-                              base, stream);
+                              base, engine, stream);
     }
   });
   return out;

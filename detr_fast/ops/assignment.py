@@ -1,8 +1,10 @@
 """linear_assignment: exact batched assignment of targets to queries (kernels in csrc/assignment).
 
-The algorithm (epsilon-scaling auction, then shortest augmenting paths with a duality certificate) and its
-exactness argument are in csrc/common/auction.h. The CUDA kernel solves every problem of the batch in one launch
-and never synchronizes with the host; the CPU kernel runs the same solver, one problem per thread.
+The algorithm (an auction warm start, then shortest augmenting paths with a duality certificate) and its
+exactness argument are in csrc/common/auction.h. DETR_FAST_LA_ENGINE=auto|auction|ssp picks the warm start (auto:
+the auction for 4 <= num_targets <= Q / 2, cold shortest augmenting paths otherwise; every choice is exact). The CUDA
+kernel solves every problem of the batch in one launch and never synchronizes with the host; the CPU kernel runs the
+same solver, one problem per thread.
 
 Invalid input:
 - static problems (wrong dtype or shape, T > Q, device mismatch) raise ValueError on every device;
