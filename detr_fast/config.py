@@ -29,7 +29,9 @@ class ModelConfig:
     num_classes: int = 91  # class ids 0..num_classes-1; index num_classes is "no object"
     aux_loss: bool = True
     kernels: str = "fused"  # fused | reference: box kernels and assignment (reference = plain PyTorch + scipy)
-    attention: str = "fused"  # fused | reference (reference = nn.MultiheadAttention's math)
+    # fused | reference | auto. reference = nn.MultiheadAttention's math; auto = the fused kernel on CUDA tensors and
+    # the reference on CPU tensors (the C++ CPU attention kernel is a correctness oracle, not a fast path)
+    attention: str = "auto"
     fold_bn: bool = True  # fold FrozenBatchNorm2d into the preceding convolutions (exact; same state dict)
     channels_last: bool = False  # run the backbone in NHWC memory layout
 
@@ -156,7 +158,7 @@ def _apply(cfg: Config, section: str, key: str, value, where: str) -> None:
 CHOICES = {
     ("model", "backbone"): ("resnet50", "resnet34", "resnet18", "light"),
     ("model", "kernels"): ("fused", "reference"),
-    ("model", "attention"): ("fused", "reference"),
+    ("model", "attention"): ("fused", "reference", "auto"),
     ("data", "dataset"): ("coco", "shapes"),
     ("data", "pipeline"): ("auto", "torch", "dali"),
     ("train", "amp"): ("none", "bf16", "fp16"),

@@ -2,7 +2,8 @@
 
 Parameter names equal those of the official DETR (nn.MultiheadAttention's in_proj_weight / in_proj_bias /
 out_proj, linear1/2, norm1/2/3, decoder.norm), so official checkpoints load unchanged. The attention core runs
-either detr_fast.ops.attention ("fused") or nn.MultiheadAttention's own math ("reference").
+either detr_fast.ops.attention ("fused") or nn.MultiheadAttention's own math ("reference"); "auto" picks the fused
+kernel for CUDA tensors and the reference for CPU tensors.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query, key, value, key_padding_mask=None):
-        if self.impl == "reference":
+        if self.impl == "reference" or (self.impl == "auto" and not query.is_cuda):
             out, _ = F.multi_head_attention_forward(
                 query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), self.d_model, self.nheads,
                 self.in_proj_weight, self.in_proj_bias, None, None, False, self.dropout, self.out_proj.weight,
