@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <tuple>  // older torch headers use std::tuple in UnpackRaw.cuh without including it
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

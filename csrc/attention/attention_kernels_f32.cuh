@@ -4,6 +4,7 @@
 // Same semantics as the tensor-core kernels (attention_kernels.cuh): online softmax in base 2, lse saved per
 // query, dQ kernel (writing delta = rowsum(dO * O)) then dK/dV kernel, per-element Philox dropout.
 #pragma once
+#include <tuple>  // older torch headers use std::tuple in UnpackRaw.cuh without including it
 #include <ATen/cuda/PhiloxUtils.cuh>
 
 #include "attention/attention_cuda.cuh"
