@@ -62,6 +62,7 @@ class DataConfig:
     # crop_resize, random crop of crop_min..crop_max, then the multi-scale resize.
     scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333
+    crop_prob: float = 0.5  # probability of the resize-crop-resize branch (0 disables cropping)
     crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_min: int = 384
     crop_max: int = 600
@@ -175,6 +176,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("model.hidden_dim must be divisible by model.nheads")
     if cfg.model.num_classes < 1 or cfg.model.num_queries < 1:
         raise ConfigError("model.num_classes and model.num_queries must be positive")
+    if not 0.0 <= cfg.data.crop_prob <= 1.0:
+        raise ConfigError("data.crop_prob must lie in [0, 1]")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be positive")
     return cfg

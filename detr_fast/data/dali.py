@@ -137,8 +137,9 @@ class AugmentParams:
             zero = np.zeros(b, np.int64)
             return np.stack([hw2[:, 0], hw2[:, 1], h0, w0, zero, h0, w0, zero, zero, h0, w0], 1).astype(np.int64)
         flip = rng.random(b) < 0.5 if p.flip is None else np.full(b, bool(p.flip))
-        # transforms.RandomSelect takes the plain resize when its draw is < 0.5
-        crop = rng.random(b) >= 0.5 if p.crop_branch is None else np.full(b, bool(p.crop_branch))
+        # transforms.RandomSelect takes the plain resize when its draw is < 1 - crop_prob
+        crop = (rng.random(b) >= 1.0 - d.crop_prob if p.crop_branch is None
+                else np.full(b, bool(p.crop_branch)))
         r = rng.choice(d.crop_resize, b) if p.crop_resize is None else np.full(b, p.crop_resize)
         s = rng.choice(d.scales, b) if p.scale is None else np.full(b, p.scale)
         hw1 = np.array([resized_shape(h, w, int(ri)) for h, w, ri in zip(h0, w0, r)]).reshape(b, 2)

@@ -221,8 +221,8 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def make_train_transforms(data_cfg) -> Compose:
-    """DETR's training augmentation from cfg.data: flip; then with p=0.5 the multi-scale resize, otherwise resize to
-    one of crop_resize, random crop crop_min..crop_max, multi-scale resize; normalize."""
+    """DETR's training augmentation from cfg.data: flip; then with p = 1 - crop_prob (DETR: 0.5) the multi-scale
+    resize, otherwise resize to one of crop_resize, random crop crop_min..crop_max, multi-scale resize; normalize."""
     return Compose([
         RandomHorizontalFlip(0.5),
         RandomSelect(
@@ -232,7 +232,7 @@ def make_train_transforms(data_cfg) -> Compose:
                 RandomSizeCrop(data_cfg.crop_min, data_cfg.crop_max),
                 RandomResize(data_cfg.scales, max_size=data_cfg.max_size),
             ]),
-            p=0.5,
+            p=1.0 - data_cfg.crop_prob,
         ),
         Normalize(),
     ])
