@@ -87,7 +87,7 @@ def dali_items(loader):
     out = {}
     for batch in loader:
         assert isinstance(batch, Batch)
-        b = batch.to("cpu")
+        b = batch.to("cpu")  # complete on return (Batch.to waits for device -> host copies); read it at once
         for i in range(len(b)):
             h, w = b.sizes[i].tolist()
             n = int(b.targets["num_targets"][i])

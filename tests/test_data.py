@@ -1,4 +1,5 @@
 """Dataset, collate, sampler, loader and the shapes generator, on tiny sets generated in tmp_path."""
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -231,8 +232,29 @@ def test_batch_to_and_pin():
     moved = b.to("cpu")
     assert isinstance(moved, Batch) and torch.equal(moved.images, b.images) and moved.skipped == b.skipped
     assert set(moved.targets) == {"labels", "boxes", "num_targets"}
+    # Batch.to("cpu") waits for the copies of every tensor that _tensors() lists: it must list all of them
+    fields = [getattr(b, f.name) for f in dataclasses.fields(b)]
+    every = [t for v in fields for t in (v.values() if isinstance(v, dict) else [v]) if isinstance(t, torch.Tensor)]
+    assert len(every) == len(b._tensors()) and all(any(t is u for u in b._tensors()) for t in every)
     if torch.cuda.is_available():
         assert b.pin_memory().images.is_pinned()
+
+
+@pytest.mark.needs_cuda
+def test_batch_to_cpu_waits_for_queued_gpu_work():
+    """Batch.to("cpu") (non_blocking by default) from a GPU batch returns the values, not a pinned buffer that the
+    copy has yet to fill: the GPU tensors are produced behind ~0.1 s of queued work, so an unsynchronized read sees
+    zeros or stale memory. (This is what made the DALI `mixed` tests report sizes (0, 0).)"""
+    b = collate([item(5, 7, 2, 11, 1.0), item(6, 4, 0, 12, 2.0), item(3, 9, 3, 13, 3.0)])
+    b.sizes += 1000  # values a fresh or recycled pinned block is unlikely to hold
+    g = b.to("cuda")
+    torch.cuda.synchronize()
+    for _ in range(3):
+        torch.cuda._sleep(100_000_000)  # queue work ahead of the tensors' producers and the copies
+        late = g._map(lambda t: t.clone())  # written on the GPU only after the sleep
+        back = late.to("cpu")
+        for got, want in zip(back._tensors(), b._tensors()):
+            assert got.device.type == "cpu" and torch.equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------------- corrupt images

@@ -49,9 +49,24 @@ class Batch:
                      image_ids=fn(self.image_ids), orig_sizes=fn(self.orig_sizes), sizes=fn(self.sizes),
                      skipped=self.skipped)
 
+    def _tensors(self) -> list:
+        """Every tensor of the batch."""
+        return [self.images, self.mask, *self.targets.values(), self.image_ids, self.orig_sizes, self.sizes]
+
     def to(self, device, non_blocking: bool = True) -> "Batch":
-        """The batch with every tensor on `device` (asynchronous copies from pinned memory when non_blocking)."""
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        """The batch with every tensor on `device`. Copies to a GPU are asynchronous when non_blocking (from pinned
+        memory); copies to the CPU are complete when this returns, whatever non_blocking says."""
+        device = torch.device(device)
+        moved = self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        if non_blocking and device.type == "cpu":
+            # A CUDA -> CPU .to(non_blocking=True) returns a tensor in newly pinned host memory while the copy is
+            # still queued on the source device's current stream (torch pins the output and does not wait). Read
+            # at once, it shows zeros or an old pinned block's contents: values that look like wrong geometry
+            # (sizes (0, 0), another image's size, a mask that disagrees with the sizes). So wait here, once per
+            # source device, after queueing every copy. A host-side read needs this sync anyway.
+            for dev in {t.device for t in self._tensors() if t.is_cuda}:
+                torch.cuda.current_stream(dev).synchronize()
+        return moved
 
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pinning thread when pin_memory=True."""
