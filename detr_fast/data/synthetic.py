@@ -7,7 +7,7 @@ writes
     data/shapes/annotations/instances_train.json, instances_val.json
 
 Each scene holds 1-4 shapes of `num_classes` classes (category ids 0..num_classes-1) with random colors, sizes
-(12%..60% of the side) and positions over a solid, gradient or noise background. Shapes may overlap, but a
+(15%..60% of the side) and positions over a solid, gradient or noise background. Shapes may overlap, but a
 placement that would hide more than MAX_HIDDEN of an earlier shape is rejected, so each object stays identifiable.
 Boxes are tight around each drawn shape (its full silhouette). Everything follows from the seed: each image has
 its own random stream derived from (seed, split, index), so the output bytes are identical from run to run.
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASS_NAMES = ("rectangle", "ellipse", "triangle", "cross", "star", "diamond")
-MAX_HIDDEN = 0.4  # largest fraction of an earlier shape's silhouette that later shapes may cover
-MIN_REL_SIZE, MAX_REL_SIZE = 0.12, 0.60
+MAX_HIDDEN = 0.3  # largest fraction of an earlier shape's silhouette that later shapes may cover
+MIN_REL_SIZE, MAX_REL_SIZE = 0.15, 0.60
 JPEG_QUALITY = 90
 _SPLITS = {"train": 0, "val": 1}
 
