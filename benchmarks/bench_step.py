@@ -8,6 +8,7 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   ref_tf32      the same with TF32 matrix math
   ref_compile   torch.compile(reference model), TF32
   fast          our kernels, folded BatchNorm, channels_last, bf16 autocast, TF32
+  fast_fp32     the fast path without autocast (TF32 matmuls)
   fast_compile  the fast path with torch.compile(model)
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
 torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same weights and batch (dropout off).
@@ -36,6 +37,8 @@ VARIANTS = {
                         tf32=True, compile=True),
     "fast": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                  compile=False),
+    "fast_fp32": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="none", tf32=True,
+                      compile=False),
     "fast_compile": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                          tf32=True, compile=True),
 }
