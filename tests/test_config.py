@@ -1,13 +1,17 @@
 """Typed config: YAML sections into dataclasses, checked overrides, unknown keys and bad values are errors."""
+from pathlib import Path
+
 import pytest
 
 from detr_fast.config import ConfigError, config_from_dict, load_config
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def test_shipped_configs_load():
-    shapes = load_config("configs/shapes.yaml")
+    shapes = load_config(CONFIGS / "shapes.yaml")
     assert shapes.model.backbone == "light" and shapes.data.dataset == "shapes"
-    coco = load_config("configs/detr_r50_coco.yaml")
+    coco = load_config(CONFIGS / "detr_r50_coco.yaml")
     assert (coco.model.hidden_dim, coco.model.enc_layers, coco.model.num_queries) == (256, 6, 100)
     assert coco.train.lr == 1e-4 and coco.train.lr_backbone == 1e-5 and coco.train.clip_max_norm == 0.1
 
@@ -39,6 +43,6 @@ def test_yaml_errors(tmp_path):
 
 
 def test_round_trip_through_a_checkpoint_dict():
-    cfg = load_config("configs/shapes.yaml", ["train.epochs=5"])
+    cfg = load_config(CONFIGS / "shapes.yaml", ["train.epochs=5"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg

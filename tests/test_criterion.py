@@ -1,5 +1,6 @@
 """Matcher against brute-force enumeration; set-loss values on hand-computed cases; padding never leaks."""
 import itertools
+from pathlib import Path
 import math
 
 import pytest
@@ -99,7 +100,7 @@ def test_num_boxes_padding_aux_and_empty():
 
 
 def test_gradients_flow_and_build_from_config():
-    cfg = load_config("configs/shapes.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml")
     crit = build_criterion(cfg)
     assert crit.weight_dict["loss_giou_1"] == 2.0 and "loss_ce_2" not in crit.weight_dict
     g = torch.Generator().manual_seed(3)

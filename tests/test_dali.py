@@ -72,7 +72,7 @@ def color_cfg(root, *extra):
                                 "model.num_classes=16", "data.batch_size=4", "data.num_workers=1",
                                 "data.scales=[96, 112, 128, 144]", "data.max_size=200",
                                 "data.crop_resize=[96, 112, 128]", "data.crop_min=70", "data.crop_max=120",
-                                "data.val_size=128", "train.device=cpu", *extra])
+                                "data.val_size=128", "data.crop_prob=0.5", "train.device=cpu", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,6 @@
 """DETR model: output shapes, official state-dict key names and shapes, attention implementations agree."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -84,7 +86,7 @@ R50_SHAPES = {
 
 
 def test_r50_state_dict_matches_official_names_and_shapes():
-    cfg = load_config("configs/detr_r50_coco.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "detr_r50_coco.yaml")
     sd = build_detr(cfg).state_dict()
     for k, shape in R50_SHAPES.items():
         assert k in sd, k
