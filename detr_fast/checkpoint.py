@@ -94,7 +94,7 @@ def set_rng_state(state: dict) -> None:
     """Restore what rng_state() returned."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
+    n = state["numpy"]  # CPU tensors saved by rng_state(): no device involved
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])

@@ -190,10 +190,7 @@ def parse_override(text: str):
     lhs, rhs = text.split("=", 1)
     section, key = lhs.strip().split(".", 1)
     value = yaml.safe_load(rhs) if rhs.strip() else ""
-    if value is None:
-        value = ""
-    # a bare number given for a string field (e.g. a path '2017') stays a string
-    return section, key, value
+    return section, key, "" if value is None else value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -211,19 +208,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 raise ConfigError(f"{path}: section '{section}' must be a mapping")
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(path))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """Apply `section.key=value` overrides to cfg in place with the type checks; returns cfg validated."""
     for text in overrides or []:
         section, key, value = parse_override(text)
-        hints = typing.get_type_hints(Config)
-        if section in hints:
-            types = _section_types(type(getattr(cfg, section)))
-            if types.get(key) is str and not isinstance(value, str):
-                value = rhs_str(text)
+        sec = getattr(cfg, section, None) if section in typing.get_type_hints(Config) else None
+        if sec is not None and _section_types(type(sec)).get(key) is str and not isinstance(value, str):
+            value = text.split("=", 1)[1].strip()  # a bare number given for a string field (a path) stays a string
         _apply(cfg, section, key, value, "override")
     return validate(cfg)
-
-
-def rhs_str(text: str) -> str:
-    return text.split("=", 1)[1].strip()
 
 
 def config_from_dict(data: dict) -> Config:

@@ -30,7 +30,7 @@ from torch import nn
 from detr_fast import dist
 from detr_fast.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state,
                                   unwrap)
-from detr_fast.config import Config, config_from_dict
+from detr_fast.config import Config, apply_overrides, config_from_dict
 from detr_fast.evaluation import autocast_context, evaluate, format_stats
 
 
@@ -376,21 +376,6 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
             log(last_table)
     dist.barrier()
     return {"epochs": records, "eval": last_eval, "output_dir": str(out_dir)}
-
-
-def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` overrides to an existing Config with the same checks as load_config."""
-    import typing
-
-    from detr_fast.config import _apply, parse_override, rhs_str, validate
-
-    for text in overrides:
-        section, key, value = parse_override(text)
-        sec_type = typing.get_type_hints(Config).get(section)
-        if sec_type is not None and typing.get_type_hints(sec_type).get(key) is str and not isinstance(value, str):
-            value = rhs_str(text)  # a bare number given for a string field (a path) stays a string
-        _apply(cfg, section, key, value, "override")
-    return validate(cfg)
 
 
 def evaluate_checkpoint(cfg: Config | None, checkpoint: str, overrides: list[str] | None = None,

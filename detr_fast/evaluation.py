@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from detr_fast import dist
+from detr_fast.ops.reference import box_cxcywh_to_xyxy
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -31,8 +32,7 @@ def postprocess(pred_logits: torch.Tensor, pred_boxes: torch.Tensor, orig_sizes:
     """
     prob = F.softmax(pred_logits.float(), dim=-1)[..., :-1]  # [B, Q, C]
     scores, labels = prob.max(dim=-1)  # [B, Q]
-    cx, cy, w, h = pred_boxes.float().unbind(-1)
-    xyxy = torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)  # [B, Q, 4]
+    xyxy = box_cxcywh_to_xyxy(pred_boxes.float())  # [B, Q, 4]
     img_h, img_w = orig_sizes.to(xyxy.dtype).unbind(-1)  # [B]
     scale = torch.stack((img_w, img_h, img_w, img_h), dim=-1)[:, None, :]  # [B, 1, 4]
     return scores, labels, xyxy * scale
@@ -58,7 +58,7 @@ def to_coco_results(image_ids, scores, labels, boxes_xyxy, label_map: dict[int, 
     """Host tensors image_ids [N], scores [N, Q], labels [N, Q], boxes_xyxy [N, Q, 4] -> COCO result dicts
     {image_id, category_id, bbox [x, y, w, h], score}. Repeated image ids (a distributed sampler pads its shards
     with repeats) keep their first occurrence only."""
-    xywh = xyxy_to_xywh(boxes_xyxy).tolist()
+    xywh = xyxy_to_xywh(boxes_xyxy).tolist()  # host tensors (see the docstring): no device sync
     scores, labels, ids = scores.tolist(), labels.tolist(), image_ids.tolist()
     seen, out = set(), []
     for i, img in enumerate(ids):
@@ -129,14 +129,14 @@ def evaluate(model, loader, device, amp: str = "none", output_path: str | os.Pat
         boxes.append(b)
     model.train(was_training)
     if ids:
-        # one device -> host copy for the whole split (the only sync of the evaluation loop)
+        # sync: one device -> host copy for the whole split, after the loop; COCOeval runs on the host
         local = [torch.cat(t).cpu() for t in (ids, scores, labels, boxes)]
     else:
         local = [torch.zeros(0, dtype=torch.int64), torch.zeros(0, 0), torch.zeros(0, 0, dtype=torch.int64),
                  torch.zeros(0, 0, 4)]
     dataset = loader.dataset
     results = to_coco_results(*local, label_map=label_to_category_map(dataset))
-    seen_ids = local[0].tolist()
+    seen_ids = local[0].tolist()  # host tensor already (copied above)
     gathered = dist.all_gather_object((results, seen_ids))
     stats = None
     if dist.is_main_process():

@@ -134,7 +134,7 @@ class EpochSampler(DistributedSampler):
         if not self.shuffle:
             return list(range(self.rank, n, self.num_replicas))
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g).tolist()
+        order = torch.randperm(n, generator=g).tolist()  # CPU generator and tensor: no device involved
         total = math.ceil(n / self.num_replicas) * self.num_replicas
         while len(order) < total and n > 0:
             order += order[: total - len(order)]

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from detr_fast.ops.reference import box_xyxy_to_cxcywh
+
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -236,7 +238,7 @@ def finish_targets(boxes: torch.Tensor, labels: torch.Tensor, meta: torch.Tensor
     x1 = ((x1 * w1 - left) / cw).clamp(0.0, 1.0)
     y0 = ((y0 * h1 - top) / ch).clamp(0.0, 1.0)
     y1 = ((y1 * h1 - top) / ch).clamp(0.0, 1.0)
-    cxcywh = torch.stack([(x0 + x1) * 0.5, (y0 + y1) * 0.5, x1 - x0, y1 - y0], -1)  # [B, T, 4]
+    cxcywh = box_xyxy_to_cxcywh(torch.stack((x0, y0, x1, y1), -1))  # [B, T, 4]
     return compact_targets(cxcywh, labels)
 
 

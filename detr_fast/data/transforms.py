@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detr_fast.ops.reference import box_xyxy_to_cxcywh
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -206,9 +208,7 @@ class Normalize:
         tensor.mul_(self._scale).add_(self._shift)  # [3, H, W]
         h, w = tensor.shape[-2:]
         target = dict(target)
-        b = target["boxes"]
-        cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]],
-                             dim=1)
+        cxcywh = box_xyxy_to_cxcywh(target["boxes"])  # [n, 4]
         target["boxes"] = (cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)).to(torch.float32)
         target["size"] = (int(h), int(w))
         return tensor, target

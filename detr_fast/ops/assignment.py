@@ -58,7 +58,7 @@ def check_assignment(assignment: torch.Tensor) -> torch.Tensor:
     """
     bad = (assignment == INVALID).any(dim=-1)  # [*, B]
     if bool(bad.any()):  # host sync, by design: the one place where invalid CUDA input becomes an exception
-        where = bad.nonzero()[0].tolist()
+        where = bad.nonzero()[0].tolist()  # sync: only after the flag was found, to name the bad problem
         raise ValueError(f"linear_assignment: problem at index {where} of the [*, B] batch had NaN or infinite costs "
                          "among its real targets, or num_targets outside [0, T]")
     return assignment

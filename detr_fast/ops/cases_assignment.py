@@ -61,6 +61,7 @@ def totals(cost: torch.Tensor, num_targets: torch.Tensor, assignment: torch.Tens
     from scipy.optimize import linear_sum_assignment
 
     B, Q, T = cost.shape[-3:]
+    # sync: a validation check, not a training path: scipy needs the costs on the host
     c = cost.detach().cpu().double().reshape(-1, B, Q, T).numpy()
     a = assignment.detach().cpu().reshape(-1, B, Q).numpy()
     n = num_targets.cpu().numpy()
