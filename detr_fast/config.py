@@ -80,7 +80,10 @@ class TrainConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5
     weight_decay: float = 1e-4
-    lr_drop: int = 200  # epoch at which the LR drops 10x
+    lr_drop: int = 200  # lr_schedule "step": epoch at which the LR drops 10x
+    lr_schedule: str = "step"  # step (10x drop at lr_drop) | cosine (to lr_min_factor at the last epoch)
+    lr_min_factor: float = 0.01  # cosine: final LR as a fraction of the peak
+    warmup_steps: int = 0  # linear warm-up of every group's LR over the first optimizer steps
     clip_max_norm: float = 0.1
     amp: str = "none"  # none | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda
@@ -164,6 +167,7 @@ CHOICES = {
     ("data", "pipeline"): ("auto", "torch", "dali"),
     ("train", "amp"): ("none", "bf16", "fp16"),
     ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "lr_schedule"): ("step", "cosine"),
 }
 
 
@@ -180,6 +184,10 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.crop_prob must lie in [0, 1]")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be positive")
+    if cfg.train.warmup_steps < 0:
+        raise ConfigError("train.warmup_steps must be >= 0")
+    if not 0.0 <= cfg.train.lr_min_factor <= 1.0:
+        raise ConfigError("train.lr_min_factor must lie in [0, 1]")
     return cfg
 
 

@@ -99,9 +99,10 @@ class ProgressBar:
 
 # ----------------------------------------------------------------------------------------------- model building
 
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, steps_per_epoch: int = 1):
     """AdamW with DETR's two groups: non-backbone parameters at train.lr, backbone parameters at
-    train.lr_backbone (train.lr_backbone <= 0 freezes the backbone). Returns (optimizer, StepLR)."""
+    train.lr_backbone (train.lr_backbone <= 0 freezes the backbone). Returns (optimizer, the per-step LR
+    scheduler of build_scheduler); steps_per_epoch converts the epoch-based settings into steps."""
     t = cfg.train
     rest, backbone = [], []
     for name, p in model.named_parameters():
@@ -117,8 +118,28 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device):
                 p.requires_grad_(False)
     kwargs = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(t.lr_drop, 1), gamma=0.1)
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch)
+
+
+def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
+    """The LR multiplier before optimizer step `step` (0-based): linear warm-up over train.warmup_steps, times
+    the schedule evaluated at the fractional epoch step / steps_per_epoch ("step": 0.1 from epoch train.lr_drop on;
+    "cosine": from 1 down to train.lr_min_factor at train.epochs)."""
+    t = cfg.train
+    warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+    epoch = step / max(steps_per_epoch, 1)
+    if t.lr_schedule == "cosine":
+        frac = min(epoch / max(t.epochs, 1), 1.0)
+        sched = t.lr_min_factor + (1.0 - t.lr_min_factor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    else:
+        sched = 0.1 if epoch >= max(t.lr_drop, 1) else 1.0
+    return warm * sched
+
+
+def build_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
+    """A LambdaLR stepped once per optimizer step (train_one_epoch does it), following lr_factor. Plain Python
+    floats: stepping it never touches the device."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch))
 
 
 def _default_model(cfg):
@@ -142,6 +163,19 @@ def _prepare_data(cfg) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- one epoch
+
+def steps_per_epoch(loader, cfg: Config) -> int:
+    """Optimizer steps in one epoch (what converts epoch-based LR settings into steps): the loader's length,
+    capped by train.max_steps_per_epoch."""
+    n = len(loader) if hasattr(loader, "__len__") else 0
+    cap = cfg.train.max_steps_per_epoch
+    if cap:
+        n = min(n, cap) if n else cap
+    if n <= 0:
+        raise ValueError("the training loader has no length and train.max_steps_per_epoch is 0: cannot place "
+                         "the LR schedule; set train.max_steps_per_epoch")
+    return n
+
 
 def _set_loader_epoch(loader, epoch: int) -> None:
     """Tell the sampler which epoch it is, so the shuffle comes from (seed, epoch)."""
@@ -180,9 +214,9 @@ def train_step(model, criterion, batch, optimizer, *, amp_ctx, scaler, clip_max_
 
 
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg: Config, *, amp_ctx, scaler,
-                    bar: ProgressBar) -> dict:
-    """Train one epoch; returns {loss, loss_ce, ... (means over the epoch and all ranks), steps, images, skipped,
-    time_s, img_per_s}."""
+                    bar: ProgressBar, lr_scheduler=None) -> dict:
+    """Train one epoch, stepping lr_scheduler (when given) after each optimizer step; returns {loss, loss_ce, ...
+    (means over the epoch and all ranks), steps, images, skipped, time_s, img_per_s}."""
     t = cfg.train
     model.train()
     criterion.train()
@@ -207,6 +241,12 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
         batch = batch.to(device, non_blocking=True)
         keys, weights, row = train_step(model, criterion, batch, optimizer, amp_ctx=amp_ctx, scaler=scaler,
                                         clip_max_norm=t.clip_max_norm, weights=weights, keys=keys)
+        if lr_scheduler is not None:
+            with warnings.catch_warnings():
+                # fp16: GradScaler skips the optimizer step while it calibrates its scale; torch then warns that
+                # the scheduler stepped first, which is expected here
+                warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+                lr_scheduler.step()
         epoch_sum = row if epoch_sum is None else epoch_sum + row
         win_sum = row if win_sum is None else win_sum + row
         steps, win_steps = steps + 1, win_steps + 1
@@ -287,7 +327,7 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
     criterion = (criterion_fn or _default_criterion)(cfg).to(device)
     if t.pretrained and not t.resume:
         load_pretrained(model, t.pretrained, log=log)
-    optimizer, lr_scheduler = build_optimizer(model, cfg, device)
+    optimizer, lr_scheduler = build_optimizer(model, cfg, device, steps_per_epoch(train_loader, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     amp_ctx = autocast_context(device, t.amp)
 
@@ -324,14 +364,9 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
     for epoch in range(start_epoch, t.epochs):
         _set_loader_epoch(train_loader, epoch)
         bar = ProgressBar(f"epoch {epoch + 1}/{t.epochs}", None, enabled=main)
+        lrs = [g["lr"] for g in optimizer.param_groups]  # at the epoch's first step
         stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, cfg, amp_ctx=amp_ctx,
-                                scaler=scaler, bar=bar)
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        with warnings.catch_warnings():
-            # fp16: GradScaler skips the optimizer step while it calibrates its scale; torch then warns that the
-            # scheduler stepped first, which is expected here
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            lr_scheduler.step()
+                                scaler=scaler, bar=bar, lr_scheduler=lr_scheduler)
         over_time = bool(t.time_limit_min > 0 and time.time() - t_start >= 60.0 * t.time_limit_min)
         over_time = bool(dist.broadcast_object(over_time))
         last = epoch == t.epochs - 1 or over_time

@@ -194,7 +194,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     """2 epochs in one go == 1 epoch, then resume for the second: same losses, same weights, bit for bit.
     Dropout is on, so the RNG states must be restored; eval_every=2 evaluates the 1-epoch run (last epoch) but
     not the 2-epoch run's first epoch, so evaluation must not consume the training RNG."""
-    common = ("model.dropout=0.1", "train.eval_every=2", "train.lr_drop=1")
+    common = ("model.dropout=0.1", "train.eval_every=2", "train.lr_drop=1", "train.warmup_steps=6")
     full = train(tiny_cfg(tmp_path / "full", "train.epochs=2", *common), loader_fn=fake_loader_fn())
     first = train(tiny_cfg(tmp_path / "part", "train.epochs=1", *common), loader_fn=fake_loader_fn())
     assert first["epochs"][0]["train_loss"] == full["epochs"][0]["train_loss"]
@@ -205,7 +205,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     for key in a:
         if key.startswith("train_loss") or key in ("lr", "lr_backbone", "AP", "AP50"):
             assert a[key] == b[key], key
-    assert a["lr"] == pytest.approx(1e-4)  # dropped 10x after epoch 0 in both runs
+    # 4 steps per epoch: epoch 1 starts at step 4, still warming up (5/6), after the 10x drop of epoch 1
+    assert a["lr"] == pytest.approx(1e-3 * 0.1 * 5 / 6)
     wa = load_checkpoint(tmp_path / "full" / "checkpoint.pth")
     wb = load_checkpoint(tmp_path / "part" / "checkpoint.pth")
     for k, v in wa["model"].items():
@@ -217,6 +218,35 @@ def test_resume_equals_uninterrupted(tmp_path):
     # the resumed log continues the one of the first part
     lines = [json.loads(s) for s in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [0, 1]
+
+
+def test_lr_schedule_warmup_step_and_cosine():
+    """lr_factor by hand: linear warm-up, the 10x step at lr_drop (in fractional epochs), cosine end points."""
+    from detr_fast.engine import lr_factor
+
+    cfg = load_config(None, ["train.epochs=10", "train.lr_drop=4", "train.warmup_steps=5"])
+    spe = 7  # steps per epoch
+    assert [lr_factor(s, cfg, spe) for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert lr_factor(4 * spe - 1, cfg, spe) == 1.0 and lr_factor(4 * spe, cfg, spe) == pytest.approx(0.1)
+    cos = load_config(None, ["train.epochs=10", "train.lr_schedule=cosine", "train.lr_min_factor=0.05"])
+    assert lr_factor(0, cos, spe) == 1.0
+    assert lr_factor(5 * spe, cos, spe) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(10 * spe, cos, spe) == pytest.approx(0.05)
+    assert lr_factor(50 * spe, cos, spe) == pytest.approx(0.05)  # past the end it stays at the floor
+    values = [lr_factor(s, cos, spe) for s in range(10 * spe)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never rises without warm-up
+
+
+def test_lr_scheduler_steps_every_optimizer_step(tmp_path):
+    """The engine steps the schedule per optimizer step: with cosine over 2 epochs the LR logged at the start of
+    epoch 1 is the factor after exactly one epoch of steps."""
+    from detr_fast.engine import lr_factor
+
+    cfg = tiny_cfg(tmp_path, "train.epochs=2", "train.eval_every=0", "train.lr_schedule=cosine",
+                   "train.lr_min_factor=0.0", "train.warmup_steps=2")
+    recs = train(cfg, loader_fn=fake_loader_fn())["epochs"]
+    assert recs[0]["lr"] == pytest.approx(1e-3 * 0.5)  # first step, warm-up 1/2
+    assert recs[1]["lr"] == pytest.approx(1e-3 * lr_factor(4, cfg, 4)) == pytest.approx(1e-3 * 0.5)
 
 
 def test_time_limit_stops_after_the_crossing_epoch_and_still_evaluates(tmp_path):
