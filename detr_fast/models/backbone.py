@@ -17,34 +17,51 @@ _RESNETS = {"resnet18": (resnet18, 512), "resnet34": (resnet34, 512), "resnet50"
 
 
 class LightTrunk(nn.Module):
-    """A small VGG-style trunk at stride 16: a stride-2 stem, then one stride-2 stage per further width.
+    """A small VGG-style trunk with trainable BatchNorm, for small images and CPUs. Every conv is followed by
+    BatchNorm and ReLU.
 
-    images [B, 3, H, W] -> features [B, channels[-1], ceil(H/16), ceil(W/16)] for four widths.
+    stem "conv": a 3x3 stride-2 conv to channels[0], then per further width a stride-2 and a stride-1 3x3 conv;
+    stride 2 ** len(channels) (16 for four widths).
+    stem "patch": a 4x4 stride-4 conv (non-overlapping patches) and a stride-1 3x3 conv at channels[0], then the
+    same stages; stride 4 * 2 ** (len(channels) - 1) (16 for three widths). It skips the full-resolution layers,
+    which on a CPU cost far more than their FLOPs (memory-bound BatchNorm/ReLU over the largest activations).
+
+    images [B, 3, H, W] -> features [B, channels[-1], ~H/stride, ~W/stride].
     """
 
-    def __init__(self, channels: list[int]):
+    def __init__(self, channels: list[int], stem: str = "conv"):
         super().__init__()
         if len(channels) < 2:
             raise ValueError("model.light_channels needs at least two widths")
-        layers: list[nn.Module] = [nn.Conv2d(3, channels[0], 3, 2, 1, bias=False), nn.BatchNorm2d(channels[0]),
-                                   nn.ReLU(inplace=True)]
+        if stem == "conv":
+            layers = _conv_bn_relu(3, channels[0], 3, 2)
+            self.stride = 2 ** len(channels)
+        elif stem == "patch":
+            layers = _conv_bn_relu(3, channels[0], 4, 4, padding=0) + _conv_bn_relu(channels[0], channels[0], 3, 1)
+            self.stride = 4 * 2 ** (len(channels) - 1)
+        else:
+            raise ValueError(f"model.light_stem must be 'conv' or 'patch', got {stem!r}")
         for cin, cout in zip(channels[:-1], channels[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                       nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers += _conv_bn_relu(cin, cout, 3, 2) + _conv_bn_relu(cout, cout, 3, 1)
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x):
         return {"0": self.layers(x)}
 
 
+def _conv_bn_relu(cin: int, cout: int, k: int, stride: int, padding: int | None = None) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2 if padding is None else padding, bias=False),
+            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
 class Backbone(nn.Module):
     """The trunk plus mask down-sampling: (images [B,3,H,W], mask [B,H,W]) -> (features [B,C,h,w], mask [B,h,w])."""
 
     def __init__(self, name: str, train_backbone: bool = True, frozen_bn: bool = True, weights: str = "",
-                 light_channels: list[int] | None = None):
+                 light_channels: list[int] | None = None, light_stem: str = "conv"):
         super().__init__()
         if name == "light":
-            self.body = LightTrunk(light_channels or [32, 64, 128, 256])
+            self.body = LightTrunk(light_channels or [32, 64, 128, 256], light_stem)
             self.num_channels = (light_channels or [256])[-1]
             if weights:
                 warnings.warn("model.backbone_weights is ignored for the light trunk", stacklevel=2)

@@ -62,7 +62,7 @@ def build_detr(cfg) -> DETR:
     m = cfg.model
     train_backbone = cfg.train.lr_backbone > 0
     backbone = Backbone(m.backbone, train_backbone=train_backbone, frozen_bn=m.frozen_bn, weights=m.backbone_weights,
-                        light_channels=m.light_channels)
+                        light_channels=m.light_channels, light_stem=m.light_stem)
     if m.fold_bn and m.frozen_bn and m.backbone != "light":
         fold_frozen_bn(backbone)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
