@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=500, help="number of validation images")
     p.add_argument("--size", type=int, default=128, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=int, default=4, help="number of shape classes (1-6)")
+    p.add_argument("--workers", type=int, default=0, help="rendering processes (0: one per CPU core)")
 
     sub.add_parser("info", help="versions, CUDA availability and the backends of every op")
 
@@ -87,7 +89,7 @@ def cmd_eval(args) -> int:
 def cmd_make_shapes(args) -> int:
     from detr_fast.data.synthetic import make_shapes
 
-    make_shapes(args.out, args.train, args.val, args.size, args.seed)
+    make_shapes(args.out, args.train, args.val, args.size, args.seed, num_classes=args.classes, workers=args.workers)
     print(f"shapes dataset written to {args.out}")
     return 0
 

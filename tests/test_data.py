@@ -43,7 +43,7 @@ def test_generator_deterministic(tmp_path):
     b = make_shapes(tmp_path / "b", num_train=6, num_val=3, image_size=64, seed=11)
     c = make_shapes(tmp_path / "c", num_train=6, num_val=3, image_size=64, seed=12)
     da, db, dc = tree_digest(a), tree_digest(b), tree_digest(c)
-    assert len(da) == 6 + 3 + 2
+    assert len(da) == 6 + 3 + 2 + 1  # images, two annotation files, shapes.json
     assert da == db
     assert da.keys() == dc.keys()
     assert all(da[k] != dc[k] for k in da if k.endswith(".jpg"))
@@ -185,6 +185,22 @@ def test_ensure_dataset_generates_shapes(tmp_path):
     ensure_dataset(cfg)  # exists: left alone
     assert tree_digest(root) == before
     assert not [p for p in root.parent.iterdir() if p.name != "shapes"]  # no temporary folders left
+    # a generated set made with other parameters is rebuilt
+    ensure_dataset(shapes_cfg(root, "data.shapes_train=12"))
+    assert len(list((root / "train").glob("*.jpg"))) == 12
+    assert json.loads((root / "shapes.json").read_text())["num_train"] == 12
+    assert not [p for p in root.parent.iterdir() if p.name != "shapes"]
+    # a set without shapes.json (made by hand) is never touched
+    (root / "shapes.json").unlink()
+    before = tree_digest(root)
+    ensure_dataset(cfg)
+    assert tree_digest(root) == before
+
+
+def test_generator_parallel_equals_serial(tmp_path):
+    serial = make_shapes(tmp_path / "s", num_train=70, num_val=64, image_size=48, seed=5, workers=1)
+    parallel = make_shapes(tmp_path / "p", num_train=70, num_val=64, image_size=48, seed=5, workers=2)
+    assert tree_digest(serial) == tree_digest(parallel)
 
 
 # ---------------------------------------------------------------------------------------------- collate

@@ -15,6 +15,7 @@ sizes [B, 2] (h, w; int64), and `skipped`, the number of unreadable images dropp
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .coco import CocoDetection, check_paths, dataset_paths, item_seed, max_category_id
-from .synthetic import make_shapes
+from .synthetic import PARAMS_FILE, make_shapes, shapes_params
 from .transforms import make_transforms
 
 __all__ = ["Batch", "collate", "build_dataset", "build_loader", "ensure_dataset", "make_shapes", "EpochSampler",
@@ -168,11 +169,23 @@ def ensure_dataset(cfg) -> None:
     (FileNotFoundError with the keys to fix)."""
     d = cfg.data
     explicit = any((d.train_images, d.train_ann, d.val_images, d.val_ann))
-    if d.dataset == "shapes" and not explicit and not Path(d.root).exists():
-        print(f"generating the shapes dataset at {d.root} ({d.shapes_train} train + {d.shapes_val} val images of "
-              f"{d.shapes_image_size} px, seed {d.shapes_seed})", flush=True)
-        make_shapes(d.root, num_train=d.shapes_train, num_val=d.shapes_val, image_size=d.shapes_image_size,
-                    seed=d.shapes_seed, replace=False)
+    if d.dataset == "shapes" and not explicit:
+        root = Path(d.root)
+        wanted = shapes_params(d.shapes_train, d.shapes_val, d.shapes_image_size, d.shapes_seed,
+                               cfg.model.num_classes)
+        params_file = root / PARAMS_FILE
+        stale = False
+        if params_file.is_file():  # a set this package generated: rebuild it when the config asks for another
+            try:
+                stale = json.loads(params_file.read_text()) != wanted
+            except (OSError, ValueError):
+                stale = True
+        if not root.exists() or stale:
+            what = "regenerating" if stale else "generating"
+            print(f"{what} the shapes dataset at {root} ({d.shapes_train} train + {d.shapes_val} val images of "
+                  f"{d.shapes_image_size} px, {cfg.model.num_classes} classes, seed {d.shapes_seed})", flush=True)
+            make_shapes(root, num_train=d.shapes_train, num_val=d.shapes_val, image_size=d.shapes_image_size,
+                        seed=d.shapes_seed, num_classes=cfg.model.num_classes, replace=stale)
     for split in ("train", "val"):
         check_paths(d, split)
 

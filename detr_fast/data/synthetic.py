@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ CLASS_NAMES = ("rectangle", "ellipse", "triangle", "cross", "star", "diamond")
 MAX_HIDDEN = 0.3  # largest fraction of an earlier shape's silhouette that later shapes may cover
 MIN_REL_SIZE, MAX_REL_SIZE = 0.15, 0.60
 JPEG_QUALITY = 90
+GENERATOR_VERSION = 1  # bump when the rendering changes, so generated sets on disk are rebuilt
 _SPLITS = {"train": 0, "val": 1}
 
 
@@ -140,18 +142,27 @@ def _render(size: int, num_classes: int, rng: np.random.Generator):
     return np.asarray(canvas), objects
 
 
-def _write_split(out: Path, split: str, num: int, size: int, seed: int, num_classes: int) -> None:
+def _render_one(args) -> list:
+    """Render and write one image; returns its (category_id, bbox, area) objects. A top-level function, so a process
+    pool can run it."""
+    img_dir, split, index, size, seed, num_classes = args
+    rng = np.random.default_rng([seed, _SPLITS[split], index])
+    pixels, objects = _render(size, num_classes, rng)
+    Image.fromarray(pixels).save(Path(img_dir) / f"{index + 1:012d}.jpg", format="JPEG", quality=JPEG_QUALITY)
+    return objects
+
+
+def _write_split(out: Path, split: str, num: int, size: int, seed: int, num_classes: int, pool=None) -> None:
     img_dir = out / split
     img_dir.mkdir(parents=True, exist_ok=True)
+    jobs = [(str(img_dir), split, i, size, seed, num_classes) for i in range(num)]
+    # each image has its own random stream, so the bytes do not depend on how the work is spread
+    results = pool.imap(_render_one, jobs, chunksize=64) if pool is not None else map(_render_one, jobs)
     images, annotations = [], []
     ann_id = 1  # COCOeval treats annotation id 0 as "unmatched": ids start at 1
-    for i in range(num):
+    for i, objects in enumerate(results):
         image_id = i + 1
-        rng = np.random.default_rng([seed, _SPLITS[split], i])
-        pixels, objects = _render(size, num_classes, rng)
-        name = f"{image_id:012d}.jpg"
-        Image.fromarray(pixels).save(img_dir / name, format="JPEG", quality=JPEG_QUALITY)
-        images.append({"id": image_id, "file_name": name, "width": size, "height": size})
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": size, "height": size})
         for cls, bbox, area in objects:
             annotations.append({"id": ann_id, "image_id": image_id, "category_id": cls, "bbox": bbox,
                                 "area": area, "iscrowd": 0})
@@ -164,14 +175,23 @@ def _write_split(out: Path, split: str, num: int, size: int, seed: int, num_clas
         json.dump(doc, f)
 
 
+PARAMS_FILE = "shapes.json"  # the parameters a generated set was made with (ensure_dataset compares them)
+
+
+def shapes_params(num_train: int, num_val: int, image_size: int, seed: int, num_classes: int) -> dict:
+    return {"num_train": int(num_train), "num_val": int(num_val), "image_size": int(image_size), "seed": int(seed),
+            "num_classes": int(num_classes), "version": GENERATOR_VERSION}
+
+
 def make_shapes(out_dir, num_train: int = 4000, num_val: int = 500, image_size: int = 128, seed: int = 0,
-                num_classes: int = 4, replace: bool = True) -> Path:
+                num_classes: int = 4, replace: bool = True, workers: int = 0) -> Path:
     """Render the shapes dataset into out_dir (train/, val/, annotations/instances_{train,val}.json).
 
     The set is built in a temporary folder next to out_dir and moved into place at the end, so an interrupted run
     never leaves a half-written dataset behind. An existing out_dir is replaced when `replace`; otherwise (two
     processes generating the same set at once) the one that finishes second keeps the first one's copy.
-    Returns out_dir as a Path.
+    workers > 1 renders in that many processes (the output is the same bytes); 0 uses one per CPU core.
+    A `shapes.json` next to the splits records the parameters. Returns out_dir as a Path.
     """
     if not 1 <= num_classes <= len(CLASS_NAMES):
         raise ValueError(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {num_classes}")
@@ -182,9 +202,14 @@ def make_shapes(out_dir, num_train: int = 4000, num_val: int = 500, image_size: 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    if workers <= 0:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(workers, max(1, (num_train + num_val) // 64))
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
-        _write_split(tmp, "train", num_train, image_size, seed, num_classes)
-        _write_split(tmp, "val", num_val, image_size, seed, num_classes)
+        _write_split(tmp, "train", num_train, image_size, seed, num_classes, pool)
+        _write_split(tmp, "val", num_val, image_size, seed, num_classes, pool)
+        (tmp / PARAMS_FILE).write_text(json.dumps(shapes_params(num_train, num_val, image_size, seed, num_classes)))
         if replace and out.exists():
             shutil.rmtree(out)
         try:
@@ -193,6 +218,9 @@ def make_shapes(out_dir, num_train: int = 4000, num_val: int = 500, image_size: 
             if replace or not (out / "annotations" / "instances_val.json").exists():
                 raise
     finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
