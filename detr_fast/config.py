@@ -95,7 +95,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between COCO evaluations (the last epoch is always evaluated)
     log_every: int = 20  # steps between loss read-backs from the device
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
-    time_limit_min: float = 0.0  # 0 = none; otherwise stop after the epoch that crosses it
+    time_limit_min: float = 0.0  # 0 = none; else stop before an epoch that would end past it (longest epoch so far)
 
 
 @dataclass

@@ -362,14 +362,20 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         log_path.unlink()  # a fresh run in this folder starts a fresh log
 
     t_start = time.time()
+    longest_epoch = 0.0
     records, last_eval, last_table = [], {}, ""
     for epoch in range(start_epoch, t.epochs):
         _set_loader_epoch(train_loader, epoch)
         bar = ProgressBar(f"epoch {epoch + 1}/{t.epochs}", None, enabled=main)
+        t_epoch_start = time.time()
         lrs = [g["lr"] for g in optimizer.param_groups]  # at the epoch's first step
         stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, cfg, amp_ctx=amp_ctx,
                                 scaler=scaler, bar=bar, lr_scheduler=lr_scheduler)
-        over_time = bool(t.time_limit_min > 0 and time.time() - t_start >= 60.0 * t.time_limit_min)
+        # stop when the next epoch, as long as the longest one so far, would end past the limit (an epoch is the
+        # unit of the schedule and the checkpoint, so the run never overshoots by more than its variation)
+        longest_epoch = max(longest_epoch, time.time() - t_epoch_start)
+        over_time = bool(t.time_limit_min > 0 and epoch < t.epochs - 1
+                         and time.time() - t_start + longest_epoch > 60.0 * t.time_limit_min)
         over_time = bool(dist.broadcast_object(over_time))
         last = epoch == t.epochs - 1 or over_time
         rec = {"epoch": epoch, "train_loss": stats["loss"]}
@@ -397,7 +403,8 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
             log(msg)
         records.append(rec)
         if over_time:
-            log(f"time limit of {t.time_limit_min} min reached after epoch {epoch + 1}; stopping")
+            log(f"stopping after epoch {epoch + 1}: another epoch would end past the time limit of "
+                f"{t.time_limit_min} min")
             break
     if main and records:
         try:
@@ -433,14 +440,14 @@ def evaluate_checkpoint(cfg: Config | None, checkpoint: str, overrides: list[str
     rank, world, local_rank = dist.init_distributed(device_type)
     device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device()) \
         if device_type == "cuda" else torch.device("cpu")
+    model = _default_model(cfg).to(device)
+    load_pretrained(model, checkpoint, log=log)  # before the data: a bad checkpoint fails fast
     if loader_fn is None:
         if dist.is_main_process():
             _prepare_data(cfg)
         dist.barrier()
         loader_fn = _default_loader
     loader = loader_fn(cfg, "val", distributed=world > 1, rank=rank, world_size=world)
-    model = _default_model(cfg).to(device)
-    load_pretrained(model, checkpoint, log=log)
     out = Path(output) if output else Path(cfg.train.output_dir) / "eval.json"
     stats = evaluate(model, loader, device, amp=cfg.train.amp, output_path=out, log=log)
     log(f"saved {out}")

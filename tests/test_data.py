@@ -160,7 +160,7 @@ def test_missing_paths_clear_errors(tmp_path, tiny):
     with pytest.raises(FileNotFoundError, match=r"val image folder not found: .*noimg/val"):
         build_dataset(shapes_cfg(root), "val")
     with pytest.raises(FileNotFoundError, match="val image folder"):
-        ensure_dataset(shapes_cfg(root))
+        ensure_dataset(shapes_cfg(root, "data.shapes_seed=3"))  # the set's own parameters
     coco = load_config(None, [f"data.root={tmp_path / 'coco'}"])
     with pytest.raises(FileNotFoundError, match=r"instances_train2017\.json"):
         ensure_dataset(coco)
@@ -185,15 +185,18 @@ def test_ensure_dataset_generates_shapes(tmp_path):
     ensure_dataset(cfg)  # exists: left alone
     assert tree_digest(root) == before
     assert not [p for p in root.parent.iterdir() if p.name != "shapes"]  # no temporary folders left
-    # a generated set made with other parameters is rebuilt
-    ensure_dataset(shapes_cfg(root, "data.shapes_train=12"))
-    assert len(list((root / "train").glob("*.jpg"))) == 12
-    assert json.loads((root / "shapes.json").read_text())["num_train"] == 12
-    assert not [p for p in root.parent.iterdir() if p.name != "shapes"]
-    # a set without shapes.json (made by hand) is never touched
+    # a set made with other parameters is an error that names the difference, and nothing is deleted
+    with pytest.raises(ValueError, match=r"num_train 10 \(config: 12\).*Remove"):
+        ensure_dataset(shapes_cfg(root, "data.shapes_train=12"))
+    with pytest.raises(ValueError, match=r"seed 0 \(config: 4\)"):
+        ensure_dataset(shapes_cfg(root, "data.shapes_seed=4"))
+    assert tree_digest(root) == before
+    # a set without shapes.json (older or hand-made): its image counts are compared
     (root / "shapes.json").unlink()
     before = tree_digest(root)
     ensure_dataset(cfg)
+    with pytest.raises(ValueError, match=r"num_val 5 \(config: 6\)"):
+        ensure_dataset(shapes_cfg(root, "data.shapes_val=6"))
     assert tree_digest(root) == before
 
 

@@ -249,13 +249,16 @@ def test_lr_scheduler_steps_every_optimizer_step(tmp_path):
     assert recs[1]["lr"] == pytest.approx(1e-3 * lr_factor(4, cfg, 4)) == pytest.approx(1e-3 * 0.5)
 
 
-def test_time_limit_stops_after_the_crossing_epoch_and_still_evaluates(tmp_path):
+def test_time_limit_stops_before_an_epoch_that_would_cross_it_and_still_evaluates(tmp_path):
     cfg = tiny_cfg(tmp_path, "train.epochs=50", "train.eval_every=0", "train.time_limit_min=0.000001",
                    "train.max_steps_per_epoch=2")
     result = train(cfg, loader_fn=fake_loader_fn())
     assert [r["epoch"] for r in result["epochs"]] == [0]
     assert result["epochs"][0]["steps"] == 2
     assert set(result["eval"]) == set(STAT_NAMES)
+    roomy = tiny_cfg(tmp_path / "roomy", "train.epochs=3", "train.eval_every=0", "train.time_limit_min=60",
+                     "train.max_steps_per_epoch=1")
+    assert [r["epoch"] for r in train(roomy, loader_fn=fake_loader_fn())["epochs"]] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

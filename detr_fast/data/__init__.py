@@ -173,21 +173,43 @@ def ensure_dataset(cfg) -> None:
         root = Path(d.root)
         wanted = shapes_params(d.shapes_train, d.shapes_val, d.shapes_image_size, d.shapes_seed,
                                cfg.model.num_classes)
-        params_file = root / PARAMS_FILE
-        stale = False
-        if params_file.is_file():  # a set this package generated: rebuild it when the config asks for another
-            try:
-                stale = json.loads(params_file.read_text()) != wanted
-            except (OSError, ValueError):
-                stale = True
-        if not root.exists() or stale:
-            what = "regenerating" if stale else "generating"
-            print(f"{what} the shapes dataset at {root} ({d.shapes_train} train + {d.shapes_val} val images of "
+        if not root.exists():
+            print(f"generating the shapes dataset at {root} ({d.shapes_train} train + {d.shapes_val} val images of "
                   f"{d.shapes_image_size} px, {cfg.model.num_classes} classes, seed {d.shapes_seed})", flush=True)
             make_shapes(root, num_train=d.shapes_train, num_val=d.shapes_val, image_size=d.shapes_image_size,
-                        seed=d.shapes_seed, num_classes=cfg.model.num_classes, replace=stale)
+                        seed=d.shapes_seed, num_classes=cfg.model.num_classes, replace=False)
+        else:
+            _check_shapes_set(root, wanted)
     for split in ("train", "val"):
         check_paths(d, split)
+
+
+def _check_shapes_set(root: Path, wanted: dict) -> None:
+    """An existing shapes folder must be the set the config describes: compare its shapes.json (or, for a set
+    without one, its image counts) with the data.shapes_* values. Never deletes anything: a mismatch is an error
+    that says how to fix it."""
+    params_file = root / PARAMS_FILE
+    if params_file.is_file():
+        try:
+            have = json.loads(params_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{params_file} is unreadable ({exc}); remove {root} to have it generated again") from exc
+        diff = {k: (have.get(k), v) for k, v in wanted.items() if have.get(k) != v}
+    else:
+        diff = {}
+        for split, key in (("train", "num_train"), ("val", "num_val")):
+            ann = root / "annotations" / f"instances_{split}.json"
+            if ann.is_file():
+                try:
+                    n = len(json.loads(ann.read_text()).get("images", []))
+                except (OSError, ValueError):
+                    continue  # check_paths / the dataset report unreadable files
+                if n != wanted[key]:
+                    diff[key] = (n, wanted[key])
+    if diff:
+        what = ", ".join(f"{k} {a} (config: {b})" for k, (a, b) in diff.items())
+        raise ValueError(f"the shapes set at {root} does not match the config: {what}. Remove {root} to have it "
+                         "generated again, or set data.root to another folder")
 
 
 def dali_available() -> bool:
