@@ -354,3 +354,29 @@ def test_model_fused_norm_matches_plain(dtype):
         else:  # fp32: every gradient within 1e-5 of the tensor's largest gradient (rounding through 5 layers)
             err = (g2[n] - g1[n]).abs().max().item()
             assert err <= 1e-5 * g1[n].abs().max().item(), (n, err)
+
+
+def test_model_fused_norm_with_dropout():
+    """dropout 0.1: in eval mode fused and plain agree; in train mode the fused model trains (finite loss and
+    gradients, every LayerNorm parameter gets a gradient) and torch.manual_seed reproduces its step."""
+    torch.manual_seed(0)
+    plain = build_detr(_small_cfg(**{"model.dropout": "0.1"}))
+    fused = build_detr(_small_cfg(**{"model.dropout": "0.1", "model.fused_norm": "true"}))
+    fused.load_state_dict(plain.state_dict())
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(2, 3, 64, 80, generator=g)
+    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
+    with torch.no_grad():
+        o1, o2 = plain.eval()(images, mask), fused.eval()(images, mask)
+    torch.testing.assert_close(o2["pred_boxes"], o1["pred_boxes"], rtol=1e-5, atol=1e-6)
+    runs = []
+    for _ in range(2):
+        fused.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        out, grads = _model_run(fused, images, mask)
+        runs.append((out["pred_boxes"].detach(), grads))
+    (b1, g1), (b2, g2) = runs
+    assert torch.isfinite(b1).all() and torch.equal(b1, b2)
+    norm_params = [n for n, _ in fused.named_parameters() if ".norm" in n and "layers" in n]
+    assert norm_params and all(n in g1 and torch.isfinite(g1[n]).all() for n in norm_params)
+    assert all(torch.equal(g1[n], g2[n]) for n in g1)
