@@ -37,6 +37,9 @@ inline void check_ln_inputs(const at::Tensor& x, const at::Tensor& residual, con
   const char* op = "add_dropout_layernorm";
   DETR_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op, ": x must have shape [..., d] with d >= 1, got ", x.sizes());
   check_float(x, "add_dropout_layernorm: x");
+  const at::ScalarType dt = x.scalar_type();
+  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+             ": x must be float32, float64, float16 or bfloat16, got ", dt);
   DETR_CHECK(residual.sizes() == x.sizes(), op, ": x and residual must have the same shape, got ", x.sizes(),
              " and ", residual.sizes());
   DETR_CHECK(residual.scalar_type() == x.scalar_type(), op, ": x and residual must share one dtype, got ",
@@ -52,6 +55,9 @@ inline void check_ln_backward_inputs(const at::Tensor& grad_out, const at::Tenso
   const char* op = "add_dropout_layernorm_backward";
   DETR_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op, ": x must have shape [..., d] with d >= 1, got ", x.sizes());
   check_float(x, "add_dropout_layernorm_backward: x");
+  const at::ScalarType dt = x.scalar_type();
+  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+             ": x must be float32, float64, float16 or bfloat16, got ", dt);
   DETR_CHECK(grad_out.sizes() == x.sizes() && residual.sizes() == x.sizes(), op,
              ": grad_out and residual must have x's shape ", x.sizes(), ", got ", grad_out.sizes(), " and ",
              residual.sizes());
