@@ -50,15 +50,25 @@ int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / d); }
 // Values per part of a row whose (count, mean, M2) are combined (the CUDA kernels combine per-thread parts).
 constexpr int64_t kPart = 32;
 
-// h[c] = residual + dropout(x) of one row, in acc_t.
+// Keep decisions of one row (one Philox block per four columns, as the CUDA kernel draws them).
+void row_keep(int64_t row, int64_t d, bool dropout, Rng rng, uint32_t thr, uint8_t* keep) {
+  if (!dropout) {
+    std::fill(keep, keep + d, uint8_t(1));
+    return;
+  }
+  for (int64_t c4 = 0; 4 * c4 < d; ++c4) {
+    const U32x4 blk = ln_dropout_block(rng.seed, rng.offset, row, c4);
+    for (int j = 0; j < 4 && 4 * c4 + j < d; ++j) keep[4 * c4 + j] = u32x4_word(blk, j) >= thr;
+  }
+}
+
+// h[c] = residual + dropout(x) of one row, in acc_t; keep[c] receives the row's keep decisions.
 template <typename scalar_t, typename acc_t>
 void row_h(const scalar_t* x, const scalar_t* r, int64_t row, int64_t d, bool dropout, Rng rng, uint32_t thr,
-           acc_t keep_scale, acc_t* h) {
-  for (int64_t c = 0; c < d; ++c) {
-    bool keep = true;
-    if (dropout) keep = ln_dropout_keep(rng.seed, rng.offset, row, c, thr);
-    h[c] = ln_add_dropout(static_cast<acc_t>(x[c]), static_cast<acc_t>(r[c]), keep, keep_scale);
-  }
+           acc_t keep_scale, acc_t* h, uint8_t* keep) {
+  row_keep(row, d, dropout, rng, thr, keep);
+  for (int64_t c = 0; c < d; ++c)
+    h[c] = ln_add_dropout(static_cast<acc_t>(x[c]), static_cast<acc_t>(r[c]), keep[c] != 0, keep_scale);
 }
 
 template <typename scalar_t>
@@ -78,8 +88,9 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& 
   const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p));
   at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> h(d);
+    std::vector<uint8_t> keep(d);
     for (int64_t row = begin; row < end; ++row) {
-      row_h(xp + row * d, rp + row * d, row, d, dropout, rng, thr, keep_scale, h.data());
+      row_h(xp + row * d, rp + row * d, row, d, dropout, rng, thr, keep_scale, h.data(), keep.data());
       MeanM2<acc_t> st{acc_t(0), acc_t(0), acc_t(0)};
       for (int64_t c0 = 0; c0 < d; c0 += kPart)
         st = meanm2_combine(st, meanm2_of(h.data() + c0, static_cast<int>(std::min(kPart, d - c0))));
@@ -117,11 +128,12 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& x, const at::Tensor
   std::vector<acc_t> partial(static_cast<size_t>(chunks * 2 * d), acc_t(0));
   at::parallel_for(0, chunks, std::max<int64_t>(1, row_grain(d) / kChunkRows), [&](int64_t cb, int64_t ce) {
     std::vector<acc_t> h(d), dxhat(d);
+    std::vector<uint8_t> keep(d);
     for (int64_t chunk = cb; chunk < ce; ++chunk) {
       acc_t* pw = partial.data() + chunk * 2 * d;
       acc_t* pb = pw + d;
       for (int64_t row = chunk * kChunkRows; row < std::min(rows, (chunk + 1) * kChunkRows); ++row) {
-        row_h(xp + row * d, rp + row * d, row, d, dropout, rng, thr, keep_scale, h.data());
+        row_h(xp + row * d, rp + row * d, row, d, dropout, rng, thr, keep_scale, h.data(), keep.data());
         const acc_t mu = mp[row], rs = sp[row];
         const scalar_t* g = gp + row * d;
         acc_t s1 = 0, s2 = 0;
@@ -138,9 +150,8 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& x, const at::Tensor
         const acc_t c1 = s1 / static_cast<acc_t>(d), c2 = s2 / static_cast<acc_t>(d);
         for (int64_t c = 0; c < d; ++c) {
           const acc_t dh = ln_grad_h(dxhat[c], h[c], rs, c1, c2);
-          const bool keep = !dropout || ln_dropout_keep(rng.seed, rng.offset, row, c, thr);
           drp[row * d + c] = static_cast<scalar_t>(dh);
-          dxp[row * d + c] = static_cast<scalar_t>(keep ? dh * keep_scale : acc_t(0));
+          dxp[row * d + c] = static_cast<scalar_t>(keep[c] ? dh * keep_scale : acc_t(0));
         }
       }
     }
@@ -213,8 +224,11 @@ at::Tensor add_dropout_layernorm_mask_cpu(const at::Tensor& rng_state, int64_t r
   bool* kp = keep.mutable_data_ptr<bool>();
   if (keep.numel() == 0) return keep;
   at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row)
-      for (int64_t c = 0; c < d; ++c) kp[row * d + c] = ln_dropout_keep(rng.seed, rng.offset, row, c, thr);
+    std::vector<uint8_t> row_mask(d);
+    for (int64_t row = begin; row < end; ++row) {
+      row_keep(row, d, true, rng, thr, row_mask.data());
+      for (int64_t c = 0; c < d; ++c) kp[row * d + c] = row_mask[c] != 0;
+    }
   });
   return keep;
 }
