@@ -61,7 +61,10 @@ def _check(x, residual, weight, bias, go, p=0.0, seed=None, offset=0, eps=1e-5):
     return got[0], state["mean"], state["rstd"], state["rng"], keep
 
 
-SHAPES = [(1, 1), (4, 7), (3, 33), (17, 128), (5, 3, 256), (9, 1000), (0, 256), (3, 1536), (2, 4100)]
+# d around the CUDA kernel's configurations: a warp per row with 1, 2, 4, 8 vectors per lane up to d = 1024
+# (1024 the last), a 256-thread block per row above (1025 the first), with and without d % 4 == 0.
+SHAPES = [(1, 1), (4, 7), (3, 33), (17, 128), (5, 3, 256), (9, 1000), (0, 256), (2, 1024), (2, 1025), (3, 1536),
+          (2, 4100)]
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
@@ -118,6 +121,38 @@ def test_non_contiguous_inputs(device):
     go = torch.randn(128, 6, generator=gen).to(device).t()
     _check(x, residual, weight, bias, go)
     _check(x, residual, weight, bias, go, p=0.25, seed=5, offset=12)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_unaligned_inputs(device, dtype):
+    """Contiguous inputs whose base is not 16-byte aligned (storage offset 1): the kernels' scalar-load path."""
+    gen = torch.Generator().manual_seed(15)
+    rows, d = 7, 256
+    x = torch.randn(rows * d + 1, generator=gen).to(device, dtype)[1:].view(rows, d)
+    residual = torch.randn(rows * d + 3, generator=gen).to(device, dtype)[3:].view(rows, d)
+    _, _, weight, bias = make_inputs((rows, d), device, dtype, gen)
+    go = torch.randn(rows * d + 1, generator=gen).to(device, dtype)[1:].view(rows, d)
+    assert x.is_contiguous() and x.storage_offset() == 1
+    _check(x, residual, weight, bias, go, p=0.2, seed=3)
+
+
+@pytest.mark.needs_cuda
+def test_cuda_large_d_falls_back_to_reference():
+    """d above the CUDA kernel's limit: the op runs the reference with a warning; the kernel op itself refuses."""
+    import warnings
+
+    from detr_fast.ops.layernorm import CUDA_MAX_D
+
+    gen = torch.Generator().manual_seed(16)
+    x, residual, weight, bias = make_inputs((3, CUDA_MAX_D + 1), "cuda", torch.float32, gen)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = add_dropout_layernorm(x, residual, weight, bias, 0.1, False)
+    assert any("reference" in str(m.message) for m in w)
+    torch.testing.assert_close(out, F.layer_norm(residual + x, (CUDA_MAX_D + 1,), weight, bias))
+    with pytest.raises(ValueError, match="at most"):
+        add_dropout_layernorm_with_state(x, residual, weight, bias)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
