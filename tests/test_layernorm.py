@@ -375,9 +375,9 @@ def test_model_fused_norm_matches_plain(dtype):
     assert list(plain.state_dict()) == list(fused.state_dict())
     fused.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(2, 3, 64, 80, generator=g).to(dtype)
-    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
-    mask[1, 40:] = True
+    images = torch.randn(2, 3, 48, 64, generator=g).to(dtype)
+    mask = torch.zeros(2, 48, 64, dtype=torch.bool)
+    mask[1, 30:] = True
     (o1, g1), (o2, g2) = _model_run(plain, images, mask), _model_run(fused, images, mask)
     rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-9, 1e-12)
     for key in ("pred_logits", "pred_boxes"):
@@ -399,8 +399,8 @@ def test_model_fused_norm_with_dropout():
     fused = build_detr(_small_cfg(**{"model.dropout": "0.1", "model.fused_norm": "true"}))
     fused.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(2)
-    images = torch.randn(2, 3, 64, 80, generator=g)
-    mask = torch.zeros(2, 64, 80, dtype=torch.bool)
+    images = torch.randn(2, 3, 48, 64, generator=g)
+    mask = torch.zeros(2, 48, 64, dtype=torch.bool)
     with torch.no_grad():
         o1, o2 = plain.eval()(images, mask), fused.eval()(images, mask)
     torch.testing.assert_close(o2["pred_boxes"], o1["pred_boxes"], rtol=1e-5, atol=1e-6)
