@@ -41,4 +41,20 @@ TORCH_LIBRARY(detr_fast, m) {
       "Tensor? key_padding_mask, float dropout_p, Tensor rng_state) -> (Tensor, Tensor, Tensor)");
   // keep [B, H, Lq, Lk] bool (True = kept): the dropout mask the kernels apply for rng_state (tests).
   m.def("attention_dropout_mask(Tensor rng_state, int B, int H, int Lq, int Lk, float dropout_p) -> Tensor");
+
+  // Fused residual add + dropout + LayerNorm (csrc/layernorm): out = layer_norm(residual + dropout(x, p)).
+  // x, residual [..., d] of one dtype; weight, bias [d] in x's dtype or float32. Returns (out [..., d] in x's dtype,
+  // mean [rows], rstd [rows] (float32; float64 for float64 input; rows = numel / d), rng_state [2] int64 =
+  // (seed, offset) of the Philox dropout stream, (0, 0) when p == 0). Without a seed, dropout draws (seed, offset)
+  // from the device's default generator; the backward and add_dropout_layernorm_mask regenerate the keep mask.
+  m.def(
+      "add_dropout_layernorm(Tensor x, Tensor residual, Tensor weight, Tensor bias, float p, float eps, "
+      "int? seed=None, int offset=0) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  // -> (grad_x, grad_residual, grad_weight, grad_bias); grad_weight and grad_bias in weight's dtype.
+  m.def(
+      "add_dropout_layernorm_backward(Tensor grad_out, Tensor x, Tensor residual, Tensor weight, Tensor mean, "
+      "Tensor rstd, float p, Tensor rng_state) -> (Tensor, Tensor, Tensor, Tensor)");
+  // keep [rows, d] bool (True = kept): the dropout mask the kernels apply to x viewed as [rows, d] (tests).
+  m.def("add_dropout_layernorm_mask(Tensor rng_state, int rows, int d, float p) -> Tensor");
 }

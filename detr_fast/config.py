@@ -35,6 +35,8 @@ class ModelConfig:
     attention: str = "auto"
     fold_bn: bool = True  # fold FrozenBatchNorm2d into the preceding convolutions (exact; same state dict)
     channels_last: bool = False  # run the backbone in NHWC memory layout
+    # post-norm steps norm(residual + dropout(x)) as one fused add_dropout_layernorm call (same parameters)
+    fused_norm: bool = False
 
 
 @dataclass

@@ -67,7 +67,7 @@ def build_detr(cfg) -> DETR:
         fold_frozen_bn(backbone)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
-                              attn_impl=m.attention)
+                              attn_impl=m.attention, fused_norm=m.fused_norm)
     model = DETR(joiner, transformer, m.num_classes, m.num_queries, aux_loss=m.aux_loss)
     if m.channels_last:
         model.channels_last = True

@@ -3,7 +3,9 @@
 Parameter names equal those of the official DETR (nn.MultiheadAttention's in_proj_weight / in_proj_bias /
 out_proj, linear1/2, norm1/2/3, decoder.norm), so official checkpoints load unchanged. The attention core runs
 either detr_fast.ops.attention ("fused") or nn.MultiheadAttention's own math ("reference"); "auto" picks the fused
-kernel for CUDA tensors and the reference for CPU tensors.
+kernel for CUDA tensors and the reference for CPU tensors. With fused_norm, each post-norm step
+norm(residual + dropout(x)) is one detr_fast.ops.add_dropout_layernorm call using the LayerNorm's and the Dropout's
+own parameters.
 """
 from __future__ import annotations
 
@@ -12,6 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_fast import ops
+
+
+def add_norm(norm: nn.LayerNorm, dropout: nn.Dropout, x: torch.Tensor, residual: torch.Tensor, fused: bool):
+    """Post-norm step norm(residual + dropout(x)), x and residual [..., d]. fused: one
+    ops.add_dropout_layernorm call with the modules' own weight, bias, eps and p (same state dict)."""
+    if fused:
+        return ops.add_dropout_layernorm(x, residual, norm.weight, norm.bias, dropout.p, dropout.training, norm.eps)
+    return norm(residual + dropout(x))
 
 
 class MultiheadAttention(nn.Module):
@@ -52,8 +62,9 @@ class MultiheadAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl):
+    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False):
         super().__init__()
+        self.fused_norm = fused_norm
         self.self_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -66,14 +77,15 @@ class EncoderLayer(nn.Module):
     def forward(self, src, mask, pos):
         """src, pos [B, L, d]; mask [B, L]."""
         q = k = src + pos
-        src = self.norm1(src + self.dropout1(self.self_attn(q, k, src, mask)))
+        src = add_norm(self.norm1, self.dropout1, self.self_attn(q, k, src, mask), src, self.fused_norm)
         ff = self.linear2(self.dropout(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout2(ff))
+        return add_norm(self.norm2, self.dropout2, ff, src, self.fused_norm)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl):
+    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False):
         super().__init__()
+        self.fused_norm = fused_norm
         self.self_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.multihead_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -89,11 +101,11 @@ class DecoderLayer(nn.Module):
     def forward(self, tgt, memory, memory_mask, pos, query_pos):
         """tgt, query_pos [B, Q, d]; memory, pos [B, L, d]; memory_mask [B, L]."""
         q = k = tgt + query_pos
-        tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
+        tgt = add_norm(self.norm1, self.dropout1, self.self_attn(q, k, tgt), tgt, self.fused_norm)
         tgt2 = self.multihead_attn(tgt + query_pos, memory + pos, memory, memory_mask)
-        tgt = self.norm2(tgt + self.dropout2(tgt2))
+        tgt = add_norm(self.norm2, self.dropout2, tgt2, tgt, self.fused_norm)
         ff = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout3(ff))
+        return add_norm(self.norm3, self.dropout3, ff, tgt, self.fused_norm)
 
 
 class Encoder(nn.Module):
@@ -124,12 +136,12 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, d_model=256, nheads=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, attn_impl="fused"):
+                 dropout=0.1, attn_impl="fused", fused_norm=False):
         super().__init__()
         self.d_model, self.nheads = d_model, nheads
-        self.encoder = Encoder([EncoderLayer(d_model, nheads, dim_feedforward, dropout, attn_impl)
+        self.encoder = Encoder([EncoderLayer(d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm)
                                 for _ in range(num_encoder_layers)])
-        self.decoder = Decoder([DecoderLayer(d_model, nheads, dim_feedforward, dropout, attn_impl)
+        self.decoder = Decoder([DecoderLayer(d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm)
                                 for _ in range(num_decoder_layers)], d_model)
         for p in self.parameters():
             if p.dim() > 1:

@@ -5,6 +5,7 @@ from detr_fast.ops._ext import backends, extension_loaded, has_kernel
 from detr_fast.ops.assignment import linear_assignment
 from detr_fast.ops.attention import attention
 from detr_fast.ops.box import box_loss, matching_cost
+from detr_fast.ops.layernorm import add_dropout_layernorm
 
-__all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "reference", "backends",
-           "extension_loaded", "has_kernel"]
+__all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "reference",
+           "backends", "extension_loaded", "has_kernel"]
