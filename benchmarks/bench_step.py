@@ -10,6 +10,8 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast          our kernels, folded BatchNorm, channels_last, bf16 autocast, TF32
   fast_fp32     the fast path without autocast (TF32 matmuls)
   fast_compile  the fast path with torch.compile(model)
+  fast_norm     the fast path with model.fused_norm (fused residual add + dropout + LayerNorm)
+The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
 torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same weights and batch (dropout off).
 """
@@ -41,6 +43,8 @@ VARIANTS = {
                       compile=False),
     "fast_compile": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                          tf32=True, compile=True),
+    "fast_norm": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
+                      compile=False, fused_norm=True),
 }
 
 
@@ -75,18 +79,20 @@ def build(cfg_overrides, variant, device):
     sets = list(cfg_overrides) + [f"model.kernels={v['kernels']}", f"model.attention={v['attention']}",
                                   f"model.fold_bn={str(v['fold_bn']).lower()}",
                                   f"model.channels_last={str(v['channels_last']).lower()}"]
+    if "fused_norm" in v:
+        sets.append(f"model.fused_norm={str(v['fused_norm']).lower()}")
     cfg = load_config(None, sets)
     model = build_detr(cfg).to(device)
     criterion = build_criterion(cfg).to(device)
     return cfg, model, criterion
 
 
-def make_step(model, criterion, cfg, amp, device):
+def make_step(model, criterion, cfg, amp, device, fused_opt=False):
     params = [p for p in model.parameters() if p.requires_grad]
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     opt = torch.optim.AdamW([{"params": others}, {"params": backbone, "lr": cfg.train.lr_backbone}],
-                            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+                            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused_opt or None)
     wd = criterion.weight_dict
 
     def step(images, mask, targets):
@@ -164,7 +170,7 @@ def main(argv=None):
         loss = eval_loss(model, criterion, v["amp"], device, images, mask, targets)
         if v["compile"]:
             model = torch.compile(model)
-        step = make_step(model, criterion, cfg, v["amp"], device)
+        step = make_step(model, criterion, cfg, v["amp"], device, fused_opt=v["kernels"] == "fused")
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:

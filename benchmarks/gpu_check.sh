@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-"wheels build validate tests bench_ops bench_assignment bench_attention bench_step bench_data"}
-STEP_VARIANTS=${STEP_VARIANTS:-ref_fp32,ref_tf32,ref_compile,fast,fast_compile}
+STEP_VARIANTS=${STEP_VARIANTS:-ref_fp32,ref_tf32,ref_compile,fast,fast_norm,fast_compile}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY=()
 
@@ -51,7 +51,7 @@ XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE $XDIST tests
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 "}
-stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment \
+stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm \
   --compile-filter "$COMPILE_FILTER" --json "$OUT/bench_ops.json"
 if [ -f benchmarks/bench_assignment.py ]; then
   stage bench_assignment 120 $PY benchmarks/bench_assignment.py --device cuda --quick

@@ -2,6 +2,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -12,8 +13,8 @@ OVER = ["model.num_classes=7", "model.backbone=resnet18", "model.hidden_dim=64",
         "model.dropout=0.0"]
 
 
-def _loss_and_grads(variant, state, batch):
-    cfg, model, criterion = build(OVER, variant, "cpu")
+def _loss_and_grads(variant, state, batch, extra=()):
+    cfg, model, criterion = build(OVER + list(extra), variant, "cpu")
     model.load_state_dict(state, strict=True)
     images, mask, targets = batch
     out = model(images, mask)
@@ -24,14 +25,15 @@ def _loss_and_grads(variant, state, batch):
     return {k: float(v.detach()) for k, v in losses.items()}, grads
 
 
-def test_fast_path_equals_reference_path_in_fp32():
+@pytest.mark.parametrize("extra", [(), ("model.fused_norm=true",)], ids=["plain_norm", "fused_norm"])
+def test_fast_path_equals_reference_path_in_fp32(extra):
     torch.manual_seed(0)
     _, base, _ = build(OVER, "ref_fp32", "cpu")
     state = base.state_dict()
     batch = make_batch(2, 96, 128, 7, "cpu", seed=3, max_targets=5)
     ref_losses, ref_grads = _loss_and_grads("ref_fp32", state, batch)
     # the fast path without bf16 autocast: our kernels, fused attention (C++ kernel), folded BatchNorm
-    fast_losses, fast_grads = _loss_and_grads("fast_fp32", state, batch)
+    fast_losses, fast_grads = _loss_and_grads("fast_fp32", state, batch, extra)
     assert ref_losses.keys() == fast_losses.keys()
     for k in ref_losses:
         assert abs(fast_losses[k] - ref_losses[k]) <= 1e-4 * max(abs(ref_losses[k]), 1e-3), k
@@ -52,9 +54,9 @@ class _NoHostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(variant, batch):
+def _step(variant, batch, extra=()):
     torch.manual_seed(0)
-    cfg, model, criterion = build(OVER, variant, "cpu")
+    cfg, model, criterion = build(OVER + list(extra), variant, "cpu")
     images, mask, targets = batch
     with _NoHostReads():
         out = model(images, mask)
@@ -67,7 +69,7 @@ def _step(variant, batch):
 def test_fast_step_reads_nothing_back_to_the_host():
     batch = make_batch(2, 64, 96, 7, "cpu", seed=5, max_targets=4)
     _step("fast_fp32", batch)  # our kernels: no host read anywhere in forward, loss, backward, clipping
+    _step("fast_fp32", batch, ("model.fused_norm=true", "model.dropout=0.1"))  # fused norm, dropout drawn too
     # the detector does catch the reference path's matcher (scipy on host copies)
-    import pytest
     with pytest.raises(AssertionError, match="host"):
         _step("ref_fp32", batch)
