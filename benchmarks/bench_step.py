@@ -14,6 +14,8 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
 The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
 torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same weights and batch (dropout off).
+--breakdown adds each variant's time split into kernel categories (and GPU idle time); benchmarks/plot_results.py
+draws it.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 import warnings
 
 import torch
@@ -132,6 +135,64 @@ def count_syncs(fn, device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+# Kernel (GPU) or operator (CPU) names -> step-breakdown category; the first pattern that matches wins.
+CATEGORIES = [
+    ("matching+loss", ("matching_cost", "linear_assignment", "auction", "box_loss", "giou", "lap", "hungarian")),
+    ("attention", ("attention", "fmha", "flash", "sdpa", "softmax", "efficient_attention", "cudnn_attn",
+                   "scaled_dot_product")),
+    ("normalization", ("layer_norm", "layernorm", "batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford",
+                       "add_dropout_layernorm")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "clip_grad", "_fused_adamw", "norm_kernel")),
+    ("convolution", ("conv", "cudnn", "implicit", "fprop", "dgrad", "wgrad", "nhwc", "nchw", "winograd")),
+    ("matmul", ("gemm", "cutlass", "cublas", "xmma", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "sm90",
+                "ampere", "wgmma")),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "elementwise+other"
+
+
+def step_breakdown(fn, device, iters: int = 3) -> dict:
+    """Where one step's time goes: {category: ms per step} from torch.profiler, plus "step" (wall ms per step).
+
+    On a GPU the categories sum the CUDA kernels' durations and "idle" is the rest of the step's wall time (host
+    syncs, Python and launch gaps leave the GPU waiting). On the CPU they sum the self time of the aten operators.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    fn()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync()
+        wall_ms = (time.perf_counter() - t0) * 1e3 / iters
+    out: dict = {}
+    if device == "cuda":
+        for evt in prof.events():
+            if evt.device_type == torch.autograd.DeviceType.CUDA:
+                cat = categorize(evt.name)
+                out[cat] = out.get(cat, 0.0) + evt.time_range.elapsed_us() / 1e3 / iters
+        busy = sum(out.values())
+        out["idle"] = max(wall_ms - busy, 0.0)
+    else:
+        for avg in prof.key_averages():
+            if avg.key.startswith(("aten::", "detr_fast::")) and avg.self_cpu_time_total > 0:
+                cat = categorize(avg.key)
+                out[cat] = out.get(cat, 0.0) + avg.self_cpu_time_total / 1e3 / iters
+        out["python+other"] = max(wall_ms - sum(out.values()), 0.0)
+    out["step"] = wall_ms
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,6 +202,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default="")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also profile each variant's step and split its time into kernel categories")
     a = ap.parse_args(argv)
     device = a.device
     small = a.small or device == "cpu"
@@ -181,6 +244,13 @@ def main(argv=None):
         syncs = count_syncs(lambda: step(images, mask, targets), device)
         row = {"variant": name, "ms_per_step": ms, "img_per_s": B * 1e3 / ms, "loss_same_batch": loss,
                "syncs_per_step": syncs}
+        if a.breakdown:
+            try:
+                row["breakdown_ms"] = step_breakdown(lambda: step(images, mask, targets), device)
+                print(f"{name} breakdown (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                                  row["breakdown_ms"].items()), flush=True)
+            except Exception as exc:  # the profile is extra information: never lose the timing for it
+                print(f"{name}: breakdown failed: {type(exc).__name__}: {exc}", flush=True)
         if device == "cuda":
             row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)

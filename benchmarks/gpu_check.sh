@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"wheels build validate tests bench_ops bench_assignment bench_attention bench_step bench_data"}
+STAGES=${STAGES:-"wheels build validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"}
 STEP_VARIANTS=${STEP_VARIANTS:-ref_fp32,ref_tf32,ref_compile,fast,fast_norm,fast_compile}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY=()
@@ -59,7 +59,13 @@ fi
 if [ -f benchmarks/bench_attention.py ]; then
   stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 --json "$OUT/bench_attention.json"
 fi
-stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" --json "$OUT/bench_step.json"
+stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" --breakdown \
+  --json "$OUT/bench_step.json"
+# PNG charts of the kernel speedups and the step breakdown (benchmarks/plot_results.py), from whichever JSON exists
+CHART_ARGS=()
+[ -f "$OUT/bench_ops.json" ] && CHART_ARGS+=(--ops "$OUT/bench_ops.json")
+[ -f "$OUT/bench_step.json" ] && CHART_ARGS+=(--step "$OUT/bench_step.json")
+[ ${#CHART_ARGS[@]} -gt 0 ] && stage charts 60 $PY benchmarks/plot_results.py "${CHART_ARGS[@]}" --out "$OUT/charts"
 if $PY -c "import nvidia.dali" 2>/dev/null && [ -f benchmarks/bench_data.py ]; then
   stage bench_data 150 $PY benchmarks/bench_data.py --device cuda --make-jpegs /tmp/jpegs --num-jpegs 1000 \
     --threads 4 --batches 30 --repeats 2 --json "$OUT/bench_data.json"
