@@ -11,6 +11,7 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_fp32     the fast path without autocast (TF32 matmuls)
   fast_compile  the fast path with torch.compile(model)
   fast_norm     the fast path with model.fused_norm (fused residual add + dropout + LayerNorm)
+  fast_graph    the fast path with the whole step captured as one CUDA graph (detr_fast.graphs.GraphedStep)
 The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
 torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same weights and batch (dropout off).
@@ -48,6 +49,8 @@ VARIANTS = {
                          tf32=True, compile=True),
     "fast_norm": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                       compile=False, fused_norm=True),
+    "fast_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                       tf32=True, compile=False, graph=True),
 }
 
 
@@ -90,12 +93,13 @@ def build(cfg_overrides, variant, device):
     return cfg, model, criterion
 
 
-def make_step(model, criterion, cfg, amp, device, fused_opt=False):
+def make_step(model, criterion, cfg, amp, device, fused_opt=False, capturable=False):
     params = [p for p in model.parameters() if p.requires_grad]
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.") and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     opt = torch.optim.AdamW([{"params": others}, {"params": backbone, "lr": cfg.train.lr_backbone}],
-                            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused_opt or None)
+                            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused_opt or None,
+                            capturable=capturable)
     wd = criterion.weight_dict
 
     def step(images, mask, targets):
@@ -233,7 +237,19 @@ def main(argv=None):
         loss = eval_loss(model, criterion, v["amp"], device, images, mask, targets)
         if v["compile"]:
             model = torch.compile(model)
-        step = make_step(model, criterion, cfg, v["amp"], device, fused_opt=v["kernels"] == "fused")
+        step = make_step(model, criterion, cfg, v["amp"], device, fused_opt=v["kernels"] == "fused",
+                         capturable=v.get("graph", False))
+        if v.get("graph"):
+            if device != "cuda":
+                print(f"{name}: skipped (CUDA graphs need a GPU)", flush=True)
+                continue
+            from detr_fast.graphs import GraphedStep
+
+            try:
+                step = GraphedStep(step, (images, mask, targets))
+            except Exception as exc:  # report and go on with the other variants
+                print(f"{name}: capture failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         try:

@@ -1,0 +1,67 @@
+"""The whole training step as one CUDA graph (detr_fast.graphs.GraphedStep): replays compute what eager steps compute;
+inputs of another shape are refused. CUDA cases run only on a GPU."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detr_fast.graphs import GraphedStep
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_step import build, make_batch, make_step  # noqa: E402
+
+OVER = ["model.num_classes=7", "model.backbone=resnet18", "model.hidden_dim=64", "model.nheads=2",
+        "model.enc_layers=2", "model.dec_layers=3", "model.dim_feedforward=128", "model.num_queries=12",
+        "model.dropout=0.0"]
+
+
+def test_graphed_step_needs_cuda_inputs():
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        GraphedStep(lambda x: x * 2, (torch.ones(3),))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_graphed_step_equals_eager_steps(amp):
+    """Same initial weights, the same 3 warm-up steps, then 3 more steps eagerly and as graph replays on new batches
+    of the captured shape: the same losses and the same weights at the end."""
+    from detr_fast.ops import has_kernel
+
+    if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")):
+        pytest.skip("the CUDA matcher kernels are not built: the reference matcher syncs by design")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    _, base, _ = build(OVER, "fast_fp32", "cuda")
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    first = make_batch(2, 96, 128, 7, "cuda", seed=1, min_targets=5, max_targets=5)
+    later = [make_batch(2, 96, 128, 7, "cuda", seed=s, min_targets=5, max_targets=5) for s in (2, 3, 4)]
+    results = []
+    for graphed in (False, True):
+        cfg, model, criterion = build(OVER, "fast_fp32", "cuda")
+        model.load_state_dict(state)
+        step = make_step(model, criterion, cfg, amp, "cuda", fused_opt=True, capturable=True)
+        if graphed:
+            run = GraphedStep(step, first, warmup=3)
+        else:
+            for _ in range(3):
+                step(*first)
+            run = step
+        losses = [float(run(*b)) for b in later]
+        results.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (eager_losses, eager_w), (graph_losses, graph_w) = results
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)
+    for k in eager_w:
+        torch.testing.assert_close(graph_w[k], eager_w[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.needs_cuda
+def test_graphed_step_refuses_another_shape():
+    a = torch.ones(4, device="cuda")
+    g = GraphedStep(lambda x: x * 2, (a,), warmup=1)
+    assert torch.equal(g(torch.full((4,), 3.0, device="cuda")), torch.full((4,), 6.0, device="cuda"))
+    with pytest.raises(ValueError, match="captured for"):
+        g(torch.ones(5, device="cuda"))
+    with pytest.raises(ValueError, match="structure"):
+        g(a, a)
