@@ -95,8 +95,8 @@ def shapes(tmp_path_factory):
 
 def _train_args(data, out, *extra):
     sets = ["model.light_stem=conv", "model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4",
-            "model.enc_layers=1", "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=6", "data.batch_size=4",
-            "data.num_workers=0", f"data.root={data}", "data.shapes_train=16", "data.shapes_val=8",
+            "model.enc_layers=1", "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=6",
+            "data.batch_size=4", "data.num_workers=0", f"data.root={data}", "data.shapes_train=16", "data.shapes_val=8",
             "data.shapes_image_size=64", "data.shapes_seed=1", "data.scales=[56,64]", "data.max_size=80",
             "data.crop_resize=[48,56]", "data.crop_min=40", "data.crop_max=64", "data.val_size=64",
             "train.device=cpu", "train.log_every=2", f"train.output_dir={out}", *extra]
