@@ -66,6 +66,10 @@ class DataConfig:
     scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333
     crop_prob: float = 0.5  # probability of the resize-crop-resize branch (0 disables cropping)
+    # fixed training shapes (for train.cuda_graph or a compiled model): pad H and W each up to the smallest of these
+    # sizes (empty: the batch's largest image), and the targets to max_targets rows (0: the batch's largest count)
+    pad_to: list[int] = field(default_factory=list)
+    max_targets: int = 0
     crop_resize: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_min: int = 384
     crop_max: int = 600
@@ -97,6 +101,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs between COCO evaluations (the last epoch is always evaluated)
     log_every: int = 20  # steps between loss read-backs from the device
     max_steps_per_epoch: int = 0  # 0 = the whole epoch
+    # capture the training step as CUDA graphs (one per padded shape) and replay them: needs a GPU, one process,
+    # amp none or bf16, data.pad_to and data.max_targets (fixed shapes) and the CUDA matcher kernels
+    cuda_graph: bool = False
     time_limit_min: float = 0.0  # 0 = none; else stop before an epoch that would end past it (longest epoch so far)
 
 
@@ -188,6 +195,18 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("data.crop_prob must lie in [0, 1]")
     if cfg.data.batch_size < 1:
         raise ConfigError("data.batch_size must be positive")
+    if cfg.data.max_targets < 0 or any(b < 1 for b in cfg.data.pad_to):
+        raise ConfigError("data.max_targets must be >= 0 and data.pad_to sizes positive")
+    if cfg.data.max_targets > cfg.model.num_queries:
+        raise ConfigError(f"data.max_targets ({cfg.data.max_targets}) must not exceed model.num_queries "
+                          f"({cfg.model.num_queries}): every target needs its own query")
+    if cfg.train.cuda_graph:
+        if cfg.train.amp == "fp16":
+            raise ConfigError("train.cuda_graph does not work with amp fp16 (its GradScaler reads the device); use "
+                              "bf16 or none")
+        if not cfg.data.pad_to or cfg.data.max_targets <= 0:
+            raise ConfigError("train.cuda_graph needs fixed shapes: set data.pad_to (e.g. [512, 640, 800, 1024, "
+                              "1344]) and data.max_targets (e.g. 100)")
     if cfg.train.warmup_steps < 0:
         raise ConfigError("train.warmup_steps must be >= 0")
     if not 0.0 <= cfg.train.lr_min_factor <= 1.0:

@@ -30,7 +30,7 @@ from torch import nn
 from detr_fast import dist
 from detr_fast.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state,
                                   unwrap)
-from detr_fast.config import Config, apply_overrides, config_from_dict
+from detr_fast.config import Config, ConfigError, apply_overrides, config_from_dict
 from detr_fast.evaluation import autocast_context, evaluate, format_stats
 
 
@@ -118,8 +118,12 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, steps_p
                 p.requires_grad_(False)
     # the fused kernel (CUDA and CPU) updates all parameters in a few calls instead of ~10 ops per tensor: on the
     # shapes config's CPU step it takes 3 ms instead of 12
-    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
-                                  fused=device.type in ("cuda", "cpu"))
+    graph = t.cuda_graph and device.type == "cuda"
+    if graph:  # replayed graphs read the LR from the device: tensors the scheduler fills in place
+        for g in groups:
+            g["lr"] = torch.tensor(float(g["lr"]), device=device)
+    optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=t.weight_decay,
+                                  fused=device.type in ("cuda", "cpu"), capturable=graph)
     return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch)
 
 
@@ -215,8 +219,41 @@ def train_step(model, criterion, batch, optimizer, *, amp_ctx, scaler, clip_max_
     return keys, weights, torch.cat((total.detach()[None], vals.detach()))
 
 
+class GraphRunner:
+    """train.cuda_graph: the training step as one CUDA graph per padded batch shape (detr_fast.graphs.GraphedStep).
+    The first batch of a new shape is trained on eagerly (as the capture's warm-up), later ones replay the graph."""
+
+    def __init__(self, model, criterion, optimizer, *, amp_ctx, scaler, clip_max_norm: float):
+        self.model, self.criterion, self.optimizer = model, criterion, optimizer
+        self.kw = dict(amp_ctx=amp_ctx, scaler=scaler, clip_max_norm=clip_max_norm)
+        self.graphs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def step(self, batch, keys, weights):
+        """-> (keys, weights, row) as train_step; row is a fresh tensor (not the graph's output buffer)."""
+        from types import SimpleNamespace
+
+        from detr_fast.graphs import GraphedStep
+
+        if keys is None:  # the very first step: eager, it fixes the loss names and weights
+            return train_step(self.model, self.criterion, batch, self.optimizer, **self.kw)
+
+        def step_fn(images, mask, targets):
+            b = SimpleNamespace(images=images, mask=mask, targets=targets)
+            return train_step(self.model, self.criterion, b, self.optimizer, weights=weights, keys=keys,
+                              **self.kw)[2]
+
+        shape = (tuple(batch.images.shape), tuple(batch.targets["labels"].shape))
+        inputs = (batch.images, batch.mask, batch.targets)
+        graph = self.graphs.get(shape)
+        if graph is None:
+            graph = self.graphs[shape] = GraphedStep(step_fn, inputs, warmup=1, pool=self.pool)
+            return keys, weights, graph.warmup_outputs
+        return keys, weights, graph(*inputs).clone()
+
+
 def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg: Config, *, amp_ctx, scaler,
-                    bar: ProgressBar, lr_scheduler=None) -> dict:
+                    bar: ProgressBar, lr_scheduler=None, graph_runner: GraphRunner | None = None) -> dict:
     """Train one epoch, stepping lr_scheduler (when given) after each optimizer step; returns {loss, loss_ce, ...
     (means over the epoch and all ranks), steps, images, skipped, time_s, img_per_s}."""
     t = cfg.train
@@ -241,8 +278,15 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
                                    "were all unreadable; fix or remove those files")
             continue
         batch = batch.to(device, non_blocking=True)
-        keys, weights, row = train_step(model, criterion, batch, optimizer, amp_ctx=amp_ctx, scaler=scaler,
-                                        clip_max_norm=t.clip_max_norm, weights=weights, keys=keys)
+        if cfg.data.pad_to or cfg.data.max_targets:
+            from detr_fast.data import pad_batch
+
+            batch = pad_batch(batch, cfg.data.pad_to, cfg.data.max_targets)  # fixed shapes (on the device)
+        if graph_runner is not None:
+            keys, weights, row = graph_runner.step(batch, keys, weights)
+        else:
+            keys, weights, row = train_step(model, criterion, batch, optimizer, amp_ctx=amp_ctx, scaler=scaler,
+                                            clip_max_norm=t.clip_max_norm, weights=weights, keys=keys)
         if lr_scheduler is not None:
             with warnings.catch_warnings():
                 # fp16: GradScaler skips the optimizer step while it calibrates its scale; torch then warns that
@@ -350,6 +394,22 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
                           "reseeding from train.seed and the epoch", stacklevel=2)
             seed_everything(t.seed + rank + 1000 * start_epoch)
         log(f"resumed from {t.resume}: epoch {start_epoch} of {t.epochs}")
+    graph_runner = None
+    if t.cuda_graph:
+        from detr_fast.ops import has_kernel
+
+        if device.type != "cuda" or world > 1:
+            raise ConfigError("train.cuda_graph needs a GPU and a single process (got "
+                              f"{device.type}, {world} process(es))")
+        if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")
+                and cfg.model.kernels == "fused"):
+            raise ConfigError("train.cuda_graph needs the CUDA matcher kernels (model.kernels=fused, built with "
+                              "CUDA): the reference matcher copies to the host")
+        for g in optimizer.param_groups:  # a resumed optimizer state may hold float LRs
+            if not isinstance(g["lr"], torch.Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        graph_runner = GraphRunner(model, criterion, optimizer, amp_ctx=amp_ctx, scaler=scaler,
+                                   clip_max_norm=t.clip_max_norm)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                     else None)
@@ -368,9 +428,10 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         _set_loader_epoch(train_loader, epoch)
         bar = ProgressBar(f"epoch {epoch + 1}/{t.epochs}", None, enabled=main)
         t_epoch_start = time.time()
-        lrs = [g["lr"] for g in optimizer.param_groups]  # at the epoch's first step
+        # at the epoch's first step (train.cuda_graph keeps them as device tensors: one read per epoch)
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
         stats = train_one_epoch(model, criterion, train_loader, optimizer, device, epoch, cfg, amp_ctx=amp_ctx,
-                                scaler=scaler, bar=bar, lr_scheduler=lr_scheduler)
+                                scaler=scaler, bar=bar, lr_scheduler=lr_scheduler, graph_runner=graph_runner)
         # stop when the next epoch, as long as the longest one so far, would end past the limit (an epoch is the
         # unit of the schedule and the checkpoint, so the run never overshoots by more than its variation)
         longest_epoch = max(longest_epoch, time.time() - t_epoch_start)
@@ -430,7 +491,6 @@ def evaluate_checkpoint(cfg: Config | None, checkpoint: str, overrides: list[str
     """
     if cfg is None:
         from detr_fast.checkpoint import load_file
-        from detr_fast.config import ConfigError
 
         stored = load_file(checkpoint).get("config")
         if stored is None:

@@ -20,13 +20,15 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 class GraphedStep:
-    def __init__(self, step: Callable, example_inputs: tuple, warmup: int = 3):
+    def __init__(self, step: Callable, example_inputs: tuple, warmup: int = 3, pool=None):
         """step(*inputs) -> tensors; example_inputs: a tuple of tensors / dicts / lists of CUDA tensors. Runs
-        `warmup` eager steps on a side stream (they do update the model, as real steps), then captures one."""
+        `warmup` eager steps on example_inputs on a side stream (they are real steps: with warmup=1 the example
+        batch is trained on exactly once, and `warmup_outputs` holds that step's outputs), then captures one step
+        (capturing runs nothing). `pool` (torch.cuda.graph_pool_handle()) lets several graphs share memory."""
         flat, self._spec = tree_flatten(example_inputs)
         if not flat or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in flat):
             raise ValueError("GraphedStep needs CUDA tensors as inputs (CUDA graphs exist only on a GPU)")
@@ -38,10 +40,13 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(warmup):
-                step(*static_inputs)
+                out = step(*static_inputs)
+            # copies: the buffers the warm-up step returned may be reused by the capture below
+            self.warmup_outputs = tree_map(
+                lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = step(*static_inputs)
 
     def __call__(self, *inputs):

@@ -387,3 +387,25 @@ def test_distributed_loaders_disjoint(tiny):
     train = [build_loader(cfg, "train", distributed=True, rank=r, world_size=2) for r in (0, 1)]
     ids = [torch.cat([b.image_ids for b in loader]).tolist() for loader in train]
     assert not set(ids[0]) & set(ids[1]) and sorted(ids[0] + ids[1]) == list(range(1, 11))
+
+
+def test_padded_batch_fixed_shapes():
+    items = [item(37, 50, 2, 1, 1.0), item(20, 61, 0, 2, 2.0)]
+    b = collate(items)
+    p = b.padded([32, 48, 64, 96], max_targets=5)
+    assert p.images.shape == (2, 3, 48, 64) and p.mask.shape == (2, 48, 64)
+    assert p.targets["labels"].shape == (2, 5) and p.targets["boxes"].shape == (2, 5, 4)
+    torch.testing.assert_close(p.images[:, :, :37, :61], b.images)
+    assert p.images[:, :, 37:].abs().sum() == 0 and p.images[..., 61:].abs().sum() == 0
+    assert p.mask[:, 37:].all() and p.mask[..., 61:].all()
+    assert torch.equal(p.mask[:, :37, :61], b.mask)
+    assert torch.equal(p.targets["labels"][:, :2], b.targets["labels"]) and not p.targets["labels"][:, 2:].any()
+    assert torch.equal(p.targets["boxes"][:, :2], b.targets["boxes"]) and not p.targets["boxes"][:, 2:].any()
+    assert torch.equal(p.targets["num_targets"], b.targets["num_targets"])
+    assert torch.equal(p.sizes, b.sizes) and torch.equal(p.image_ids, b.image_ids)
+    assert b.padded() is b  # nothing asked: the same batch
+    assert b.padded([37, 61], 2) is b  # already at the bucket sizes
+    with pytest.raises(ValueError, match="exceeds every size in data.pad_to"):
+        b.padded([32, 48])
+    with pytest.raises(ValueError, match="max_targets=1"):
+        b.padded([], max_targets=1)

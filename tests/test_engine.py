@@ -405,3 +405,40 @@ def test_cuda_train_step_never_syncs(amp):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(row).all()
+
+
+def test_fixed_shape_training_and_cuda_graph_config_errors(tmp_path):
+    from detr_fast.config import ConfigError
+
+    cfg = tiny_cfg(tmp_path / "pad", "train.epochs=1", "train.eval_every=0", "data.pad_to=[64, 96]",
+                   "data.max_targets=5")
+    rec = train(cfg, loader_fn=fake_loader_fn())["epochs"][0]
+    assert math.isfinite(rec["train_loss"]) and rec["images"] == 16
+    with pytest.raises(ConfigError, match="fixed shapes"):
+        tiny_cfg(tmp_path, "train.cuda_graph=true")
+    with pytest.raises(ConfigError, match="fp16"):
+        tiny_cfg(tmp_path, "train.cuda_graph=true", "train.amp=fp16", "data.pad_to=[96]", "data.max_targets=5")
+    with pytest.raises(ConfigError, match="own query"):
+        tiny_cfg(tmp_path, "data.max_targets=6")
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        train(tiny_cfg(tmp_path / "g", "train.cuda_graph=true", "data.pad_to=[96]", "data.max_targets=5"),
+              loader_fn=fake_loader_fn())
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_cuda_graph_training_equals_eager(tmp_path, amp):
+    """train.cuda_graph replays compute the eager steps' losses (same padded shapes, same batches, dropout 0)."""
+    from detr_fast.ops import has_kernel
+
+    if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")):
+        pytest.skip("the CUDA matcher kernels are not built")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    common = ("train.device=cuda", f"train.amp={amp}", "train.epochs=2", "train.eval_every=0",
+              "data.pad_to=[64, 96]", "data.max_targets=5", "train.warmup_steps=3", "train.lr_schedule=cosine")
+    eager = train(tiny_cfg(tmp_path / "eager", *common), loader_fn=fake_loader_fn())["epochs"]
+    graph = train(tiny_cfg(tmp_path / "graph", *common, "train.cuda_graph=true"), loader_fn=fake_loader_fn())["epochs"]
+    for a, b in zip(eager, graph):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3 if amp == "bf16" else 1e-4)
+        assert b["lr"] == pytest.approx(a["lr"])

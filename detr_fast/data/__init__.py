@@ -27,8 +27,8 @@ from .coco import CocoDetection, check_paths, dataset_paths, item_seed, max_cate
 from .synthetic import PARAMS_FILE, make_shapes, shapes_params
 from .transforms import make_transforms
 
-__all__ = ["Batch", "collate", "build_dataset", "build_loader", "ensure_dataset", "make_shapes", "EpochSampler",
-           "resolve_pipeline", "dataset_paths", "CocoDetection"]
+__all__ = ["Batch", "collate", "pad_batch", "build_dataset", "build_loader", "ensure_dataset", "make_shapes",
+           "EpochSampler", "resolve_pipeline", "dataset_paths", "CocoDetection"]
 
 
 @dataclass
@@ -69,12 +69,46 @@ class Batch:
                 torch.cuda.current_stream(dev).synchronize()
         return moved
 
+    def padded(self, buckets=(), max_targets: int = 0) -> "Batch":
+        """pad_batch(self, buckets, max_targets)."""
+        return pad_batch(self, buckets, max_targets)
+
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pinning thread when pin_memory=True."""
         return self._map(lambda t: t.pin_memory())
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+
+def pad_batch(batch, buckets=(), max_targets: int = 0):
+    """The batch (a Batch or any dataclass with images [B, 3, H, W], mask [B, H, W] and targets {"labels" [B, T],
+    "boxes" [B, T, 4], ...}) with fixed shapes, on whatever device it is: H and W each padded up to the smallest of
+    `buckets` that holds them (padding masked, as DETR's own padding), targets padded to `max_targets` rows (zeros
+    beyond num_targets). Fixed shapes let a CUDA graph or a compiled model be reused across batches. Uses only
+    shapes, never tensor values (no device sync). ValueError when the images exceed every bucket or the batch holds
+    more target rows than max_targets."""
+    B, _, H, W = batch.images.shape
+    H2, W2 = (_bucket(H, buckets, "height"), _bucket(W, buckets, "width")) if buckets else (H, W)
+    T = batch.targets["labels"].shape[1]
+    T2 = max_targets or T
+    if T > T2:
+        raise ValueError(f"a batch holds {T} target rows, more than data.max_targets={T2}; raise it")
+    if (H2, W2, T2) == (H, W, T):
+        return batch
+    F = torch.nn.functional
+    targets = dict(batch.targets)
+    targets["labels"] = F.pad(batch.targets["labels"], (0, T2 - T))
+    targets["boxes"] = F.pad(batch.targets["boxes"], (0, 0, 0, T2 - T))
+    return dataclasses.replace(batch, images=F.pad(batch.images, (0, W2 - W, 0, H2 - H)),
+                               mask=F.pad(batch.mask, (0, W2 - W, 0, H2 - H), value=True), targets=targets)
+
+
+def _bucket(n: int, buckets, what: str) -> int:
+    fits = [b for b in buckets if b >= n]
+    if not fits:
+        raise ValueError(f"image {what} {n} exceeds every size in data.pad_to {sorted(buckets)}; add a larger one")
+    return min(fits)
 
 
 def collate(items: list) -> Batch:
