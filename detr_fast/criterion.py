@@ -61,7 +61,7 @@ class SetCriterion(nn.Module):
     def num_boxes(self, targets: dict) -> torch.Tensor:
         """Number of target boxes in the batch, averaged over distributed workers, at least 1 (a device tensor)."""
         n = targets["num_targets"].sum().to(torch.float32)
-        if dist.is_available() and dist.is_initialized():
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # one process: a no-op
             dist.all_reduce(n)
             n = n / dist.get_world_size()
         return n.clamp(min=1.0)
