@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import cpu_and_cuda
+from helpers import cpu_and_cuda, philox4x32_10
 
 from detr_fast.ops import attention, has_kernel, reference
 from detr_fast.ops.attention import attention_with_state, dropout_mask
@@ -155,25 +155,12 @@ def test_dropout_kept_fraction(device, p):
         assert per_row.std().item() < 2 * math.sqrt(p * (1 - p) / Lk)
 
 
-def _philox4x32_10(ctr, key):
-    """Philox4x32-10 in Python (Salmon et al. 2011), independent of csrc/common/philox.h."""
-    c0, c1, c2, c3 = ctr
-    k0, k1 = key
-    M = 0xFFFFFFFF
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & M, p1 & M, ((p0 >> 32) ^ c3 ^ k1) & M, p0 & M
-    return c0, c1, c2, c3
-
-
 def test_philox_known_answers():
     """Random123's published known-answer vectors for philox4x32-10."""
-    assert _philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    assert philox4x32_10((0, 0, 0, 0), (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
     M = 0xFFFFFFFF
-    assert _philox4x32_10((M, M, M, M), (M, M)) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
-    assert _philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == (
+    assert philox4x32_10((M, M, M, M), (M, M)) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    assert philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == (
         0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
 
 
@@ -188,7 +175,7 @@ def test_dropout_mask_follows_documented_stream(device):
         sub = offset + bh
         for i in range(Lq):
             for j in range(Lk):
-                words = _philox4x32_10((j >> 1, ((i >> 4) << 3) | (i & 7), sub & 0xFFFFFFFF, sub >> 32),
+                words = philox4x32_10((j >> 1, ((i >> 4) << 3) | (i & 7), sub & 0xFFFFFFFF, sub >> 32),
                                        (seed & 0xFFFFFFFF, seed >> 32))
                 w = words[(j & 1) | (((i >> 3) & 1) << 1)]
                 assert bool(keep.view(B * H, Lq, Lk)[bh, i, j]) == (w >= thr), (bh, i, j)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cpu_and_cuda
+from helpers import cpu_and_cuda, philox4x32_10
 
 from detr_fast.config import load_config
 from detr_fast.models import build_detr
@@ -211,19 +211,6 @@ def test_mask_reproducible_and_distinct(device):
     assert torch.equal(mask(11, 4, d=37), mask(11, 4, d=100)[:, :37])
 
 
-def _philox4x32_10(ctr, key):
-    """Philox4x32-10 in Python (Salmon et al. 2011), independent of csrc/common/philox.h."""
-    c0, c1, c2, c3 = ctr
-    k0, k1 = key
-    M = 0xFFFFFFFF
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + 0x9E3779B9) & M, (k1 + 0xBB67AE85) & M
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & M, p1 & M, ((p0 >> 32) ^ c3 ^ k1) & M, p0 & M
-    return c0, c1, c2, c3
-
-
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_mask_follows_documented_stream(device):
     """add_dropout_layernorm_mask equals the stream documented in layernorm_math.h, computed here in Python."""
@@ -234,7 +221,7 @@ def test_mask_follows_documented_stream(device):
     for row in range(rows):
         sub = offset + row
         for col in range(d):
-            words = _philox4x32_10((col >> 2, 0x80004C4E, sub & 0xFFFFFFFF, sub >> 32),
+            words = philox4x32_10((col >> 2, 0x80004C4E, sub & 0xFFFFFFFF, sub >> 32),
                                    (seed & 0xFFFFFFFF, seed >> 32))
             assert bool(keep[row, col]) == (words[col & 3] >= thr), (row, col)
 
