@@ -1,4 +1,4 @@
-"""Shared test helpers: device parametrization whose CUDA case is skipped without a GPU."""
+"""Shared test helpers: device parametrization whose CUDA case is skipped without a GPU; a Python Philox4x32-10."""
 import pytest
 
 
