@@ -2,8 +2,9 @@
 
 One step: batch to the device, forward (optionally under bf16/fp16 autocast), set criterion, weighted sum,
 backward, grad-norm clip, AdamW step. Nothing in the step reads a device value on the host: the losses are summed
-on the device and read back only every `train.log_every` steps and at the end of the epoch (each read is marked
-`# host sync`). The fp16 GradScaler is the one exception: its step checks for infs on the host.
+on the device; every `train.log_every` steps their window is copied to pinned host memory without waiting and shown
+once the copy has landed (AsyncReadback), and the epoch's end reads the rest (each read is marked `# host sync`).
+The fp16 GradScaler is the one exception: its step checks for infs on the host.
 
 Per epoch: one JSON line in output_dir/log.jsonl, a COCO evaluation every `train.eval_every` epochs and at the
 last one (output_dir/eval_epochNNN.json), and output_dir/checkpoint.pth written atomically. `train.resume`
@@ -219,6 +220,48 @@ def train_step(model, criterion, batch, optimizer, *, amp_ctx, scaler, clip_max_
     return keys, weights, torch.cat((total.detach()[None], vals.detach()))
 
 
+class AsyncReadback:
+    """Reads small device tensors (the loss window) without stalling the device: push() queues a copy into pinned
+    host memory and records an event; ready() returns the values whose copies have finished (all of them, waiting,
+    with wait=True). On the CPU the values are ready at once. So on a GPU the loss shown lags one log window behind
+    the step that computed it, and the step loop never waits for the device."""
+
+    def __init__(self):
+        self.pending: list = []
+
+    def push(self, t: torch.Tensor, payload) -> None:
+        t = t.detach()
+        if t.is_cuda:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending.append((host, event, payload))
+        else:
+            self.pending.append((t.clone(), None, payload))
+
+    def ready(self, wait: bool = False) -> list:
+        out = []
+        while self.pending:
+            host, event, payload = self.pending[0]
+            if event is not None and not event.query():
+                if not wait:
+                    break
+                event.synchronize()  # host sync: only at the epoch's end (wait=True)
+            self.pending.pop(0)
+            out.append((host.tolist(), payload))
+        return out
+
+
+def _show_window(bar, epoch: int, keys, win: list, at_step: int, rate: float) -> int:
+    """Show one loss window on the progress bar (stop on a non-finite loss); returns the step it belongs to."""
+    if not math.isfinite(win[0]):
+        raise FloatingPointError(f"epoch {epoch} step {at_step}: loss is {win[0]} ({dict(zip(keys, win[1:]))}); "
+                                 "stopping")
+    bar.update(at_step, loss=win[0], **{"img/s": rate})
+    return at_step
+
+
 class GraphRunner:
     """train.cuda_graph: the training step as one CUDA graph per padded batch shape (detr_fast.graphs.GraphedStep).
     The first batch of a new shape is trained on eagerly (as the capture's warm-up), later ones replay the graph."""
@@ -266,6 +309,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
     keys = weights = None
     epoch_sum = win_sum = None
     steps = win_steps = images = win_images = skipped = last_shown = 0
+    readback = AsyncReadback()
     t_epoch = t_win = time.perf_counter()
     for step, batch in enumerate(loader):
         if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
@@ -298,14 +342,13 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
         steps, win_steps = steps + 1, win_steps + 1
         images, win_images = images + n_img, win_images + n_img
         if t.log_every > 0 and steps % t.log_every == 0:
-            win = (win_sum / win_steps).tolist()  # host sync: loss read-back every log_every steps
             now = time.perf_counter()
-            if not math.isfinite(win[0]):
-                raise FloatingPointError(f"epoch {epoch} step {steps}: loss is {win[0]} "
-                                         f"({dict(zip(keys, win[1:]))}); stopping")
-            bar.update(steps, loss=win[0], **{"img/s": win_images / max(now - t_win, 1e-9)})
-            last_shown = steps
+            readback.push(win_sum / win_steps, (steps, win_images / max(now - t_win, 1e-9)))
+            for win, (at_step, rate) in readback.ready():
+                last_shown = _show_window(bar, epoch, keys, win, at_step, rate)
             win_sum, win_steps, win_images, t_win = None, 0, 0, now
+    for win, (at_step, rate) in readback.ready(wait=True):  # the epoch ends with a host read anyway
+        last_shown = _show_window(bar, epoch, keys, win, at_step, rate)
     if epoch_sum is None:
         raise RuntimeError(f"epoch {epoch}: the training loader yielded no batch")
     # epoch means, averaged over ranks; image and skip counts summed over ranks

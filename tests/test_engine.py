@@ -442,3 +442,21 @@ def test_cuda_graph_training_equals_eager(tmp_path, amp):
     for a, b in zip(eager, graph):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3 if amp == "bf16" else 1e-4)
         assert b["lr"] == pytest.approx(a["lr"])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
+def test_async_readback_returns_windows_in_order(device):
+    from detr_fast.engine import AsyncReadback
+
+    rb = AsyncReadback()
+    vals = [torch.tensor([float(i), 2.0 * i], device=device) for i in range(3)]
+    for i, v in enumerate(vals):
+        rb.push(v, i)
+        v.add_(100.0)  # later changes to the source must not show: the copy was queued before them
+    got = rb.ready(wait=True)
+    assert [p for _, p in got] == [0, 1, 2]
+    assert [w for w, _ in got] == [[0.0, 0.0], [1.0, 2.0], [2.0, 4.0]]
+    assert rb.ready() == [] and rb.ready(wait=True) == []
+    if device == "cpu":  # on the CPU a window is ready at once
+        rb.push(torch.tensor([5.0]), "x")
+        assert rb.ready() == [([5.0], "x")]
