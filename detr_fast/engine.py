@@ -119,12 +119,10 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, steps_p
                 p.requires_grad_(False)
     # the fused kernel (CUDA and CPU) updates all parameters in a few calls instead of ~10 ops per tensor: on the
     # shapes config's CPU step it takes 3 ms instead of 12
-    graph = t.cuda_graph and device.type == "cuda"
-    if graph:  # replayed graphs read the LR from the device: tensors the scheduler fills in place
-        for g in groups:
-            g["lr"] = torch.tensor(float(g["lr"]), device=device)
-    optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=t.weight_decay,
-                                  fused=device.type in ("cuda", "cpu"), capturable=graph)
+    # capturable (train.cuda_graph): the step count stays on the device; train() makes the LRs device tensors
+    optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay,
+                                  fused=device.type in ("cuda", "cpu"),
+                                  capturable=t.cuda_graph and device.type == "cuda")
     return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch)
 
 
@@ -249,7 +247,7 @@ class AsyncReadback:
                     break
                 event.synchronize()  # host sync: only at the epoch's end (wait=True)
             self.pending.pop(0)
-            out.append((host.tolist(), payload))
+            out.append((host.tolist(), payload))  # sync: none, a host tensor whose copy has landed
         return out
 
 
@@ -310,6 +308,9 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
     epoch_sum = win_sum = None
     steps = win_steps = images = win_images = skipped = last_shown = 0
     readback = AsyncReadback()
+    pad = bool(cfg.data.pad_to or cfg.data.max_targets)
+    if pad:
+        from detr_fast.data import pad_batch
     t_epoch = t_win = time.perf_counter()
     for step, batch in enumerate(loader):
         if t.max_steps_per_epoch and step >= t.max_steps_per_epoch:
@@ -322,9 +323,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
                                    "were all unreadable; fix or remove those files")
             continue
         batch = batch.to(device, non_blocking=True)
-        if cfg.data.pad_to or cfg.data.max_targets:
-            from detr_fast.data import pad_batch
-
+        if pad:
             batch = pad_batch(batch, cfg.data.pad_to, cfg.data.max_targets)  # fixed shapes (on the device)
         if graph_runner is not None:
             keys, weights, row = graph_runner.step(batch, keys, weights)
@@ -448,9 +447,10 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
                 and cfg.model.kernels == "fused"):
             raise ConfigError("train.cuda_graph needs the CUDA matcher kernels (model.kernels=fused, built with "
                               "CUDA): the reference matcher copies to the host")
-        for g in optimizer.param_groups:  # a resumed optimizer state may hold float LRs
-            if not isinstance(g["lr"], torch.Tensor):
-                g["lr"] = torch.tensor(float(g["lr"]), device=device)
+        # replayed graphs read the LRs from the device: tensors the scheduler fills in place (after any resume,
+        # whose optimizer state holds them as floats)
+        for g in optimizer.param_groups:
+            g["lr"] = torch.tensor(float(g["lr"]), device=device)
         graph_runner = GraphRunner(model, criterion, optimizer, amp_ctx=amp_ctx, scaler=scaler,
                                    clip_max_norm=t.clip_max_norm)
     if world > 1:

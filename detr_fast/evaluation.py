@@ -136,7 +136,7 @@ def evaluate(model, loader, device, amp: str = "none", output_path: str | os.Pat
                  torch.zeros(0, 0, 4)]
     dataset = loader.dataset
     results = to_coco_results(*local, label_map=label_to_category_map(dataset))
-    seen_ids = local[0].tolist()  # host tensor already (copied above)
+    seen_ids = local[0].tolist()  # sync: none, a host tensor already (the one copy above)
     gathered = dist.all_gather_object((results, seen_ids))
     stats = None
     if dist.is_main_process():

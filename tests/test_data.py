@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from detr_fast.config import load_config
-from detr_fast.data import (Batch, EpochSampler, build_dataset, build_loader, collate, ensure_dataset, make_shapes)
+from detr_fast.data import (Batch, EpochSampler, build_dataset, build_loader, collate, ensure_dataset, make_shapes,
+                            pad_batch)
 from detr_fast.data.coco import annotations_to_target
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
@@ -392,7 +393,7 @@ def test_distributed_loaders_disjoint(tiny):
 def test_padded_batch_fixed_shapes():
     items = [item(37, 50, 2, 1, 1.0), item(20, 61, 0, 2, 2.0)]
     b = collate(items)
-    p = b.padded([32, 48, 64, 96], max_targets=5)
+    p = pad_batch(b, [32, 48, 64, 96], max_targets=5)
     assert p.images.shape == (2, 3, 48, 64) and p.mask.shape == (2, 48, 64)
     assert p.targets["labels"].shape == (2, 5) and p.targets["boxes"].shape == (2, 5, 4)
     torch.testing.assert_close(p.images[:, :, :37, :61], b.images)
@@ -403,9 +404,9 @@ def test_padded_batch_fixed_shapes():
     assert torch.equal(p.targets["boxes"][:, :2], b.targets["boxes"]) and not p.targets["boxes"][:, 2:].any()
     assert torch.equal(p.targets["num_targets"], b.targets["num_targets"])
     assert torch.equal(p.sizes, b.sizes) and torch.equal(p.image_ids, b.image_ids)
-    assert b.padded() is b  # nothing asked: the same batch
-    assert b.padded([37, 61], 2) is b  # already at the bucket sizes
+    assert pad_batch(b) is b  # nothing asked: the same batch
+    assert pad_batch(b, [37, 61], 2) is b  # already at the bucket sizes
     with pytest.raises(ValueError, match="exceeds every size in data.pad_to"):
-        b.padded([32, 48])
+        pad_batch(b, [32, 48])
     with pytest.raises(ValueError, match="max_targets=1"):
-        b.padded([], max_targets=1)
+        pad_batch(b, [], max_targets=1)

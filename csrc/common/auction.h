@@ -451,14 +451,18 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
 
   // ---- Stage 2: keep the part of the auction's matching that satisfies (F), (T), (Z) exactly.
   if (run_auction) {
+    // min_j c(i, j) + price[j] over row i, reduced across the warp (every lane gets it); counts one scan
+    auto row_min = [&](int i) {
+      double m = kInf;
+      for (int j = lane; j < Q; j += ws) m = dmin(m, c(i, j) + w.price[j]);
+      ++scans;
+      return tm.warp_min(m);
+    };
     // (a) Lower each held column's price by its holder's slack (at most eps), which makes most holders tight.
     for (int i = warp; i < n; i += nw) {
       const int s = w.row_col[i];
       if (s < 0) continue;
-      double m = kInf;
-      for (int j = lane; j < Q; j += ws) m = dmin(m, c(i, j) + w.price[j]);
-      m = tm.warp_min(m);
-      ++scans;
+      const double m = row_min(i);
       if (lane == 0) w.dist[i] = c(i, s) + w.price[s] - m;
     }
     tm.sync();
@@ -478,11 +482,7 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
       for (int i = warp; i < n; i += nw) {
         const int s = w.row_col[i];
         if (s < 0) continue;
-        double m = kInf;
-        for (int j = lane; j < Q; j += ws) m = dmin(m, c(i, j) + w.price[j]);
-        m = tm.warp_min(m);
-        ++scans;
-        const bool loose = c(i, s) + w.price[s] > m;
+        const bool loose = c(i, s) + w.price[s] > row_min(i);
         any_released |= loose;
         if (lane == 0) w.bid_col[i] = loose ? 1 : 0;
       }

@@ -69,10 +69,6 @@ class Batch:
                 torch.cuda.current_stream(dev).synchronize()
         return moved
 
-    def padded(self, buckets=(), max_targets: int = 0) -> "Batch":
-        """pad_batch(self, buckets, max_targets)."""
-        return pad_batch(self, buckets, max_targets)
-
     def pin_memory(self) -> "Batch":
         """Called by the DataLoader's pinning thread when pin_memory=True."""
         return self._map(lambda t: t.pin_memory())
@@ -169,7 +165,7 @@ class EpochSampler(DistributedSampler):
         if not self.shuffle:
             return list(range(self.rank, n, self.num_replicas))
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g).tolist()  # CPU generator and tensor: no device involved
+        order = torch.randperm(n, generator=g).tolist()  # sync: none, a CPU generator and tensor
         total = math.ceil(n / self.num_replicas) * self.num_replicas
         while len(order) < total and n > 0:
             order += order[: total - len(order)]
@@ -205,15 +201,14 @@ def ensure_dataset(cfg) -> None:
     explicit = any((d.train_images, d.train_ann, d.val_images, d.val_ann))
     if d.dataset == "shapes" and not explicit:
         root = Path(d.root)
-        wanted = shapes_params(d.shapes_train, d.shapes_val, d.shapes_image_size, d.shapes_seed,
-                               cfg.model.num_classes)
         if not root.exists():
             print(f"generating the shapes dataset at {root} ({d.shapes_train} train + {d.shapes_val} val images of "
                   f"{d.shapes_image_size} px, {cfg.model.num_classes} classes, seed {d.shapes_seed})", flush=True)
             make_shapes(root, num_train=d.shapes_train, num_val=d.shapes_val, image_size=d.shapes_image_size,
                         seed=d.shapes_seed, num_classes=cfg.model.num_classes, replace=False)
         else:
-            _check_shapes_set(root, wanted)
+            _check_shapes_set(root, shapes_params(d.shapes_train, d.shapes_val, d.shapes_image_size, d.shapes_seed,
+                                                  cfg.model.num_classes))
     for split in ("train", "val"):
         check_paths(d, split)
 

@@ -29,7 +29,7 @@ CLASS_NAMES = ("rectangle", "ellipse", "triangle", "cross", "star", "diamond")
 MAX_HIDDEN = 0.3  # largest fraction of an earlier shape's silhouette that later shapes may cover
 MIN_REL_SIZE, MAX_REL_SIZE = 0.15, 0.60
 JPEG_QUALITY = 90
-GENERATOR_VERSION = 1  # bump when the rendering changes, so generated sets on disk are rebuilt
+GENERATOR_VERSION = 1  # bump when the rendering changes: sets on disk from an older one then no longer match
 _SPLITS = {"train": 0, "val": 1}
 
 
