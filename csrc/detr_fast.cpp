@@ -57,4 +57,9 @@ TORCH_LIBRARY(detr_fast, m) {
       "Tensor rstd, float p, Tensor rng_state) -> (Tensor, Tensor, Tensor, Tensor)");
   // keep [rows, d] bool (True = kept): the dropout mask the kernels apply to x viewed as [rows, d] (tests).
   m.def("add_dropout_layernorm_mask(Tensor rng_state, int rows, int d, float p) -> Tensor");
+
+  // Bias + residual + ReLU (csrc/bias_act): out = relu(x + bias[c] + residual), relu and residual optional.
+  // x [N, C, ...] float; bias [C] in x's dtype or float32; residual with x's shape and dtype. out: x's shape and
+  // dtype, channels_last when x is. The backward is torch's threshold_backward and sum (detr_fast/ops/bias_act.py).
+  m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, bool relu) -> Tensor");
 }

@@ -4,8 +4,10 @@ from detr_fast.ops import reference
 from detr_fast.ops._ext import backends, extension_loaded, has_kernel
 from detr_fast.ops.assignment import linear_assignment
 from detr_fast.ops.attention import attention
+from detr_fast.ops.bias_act import bias_act
 from detr_fast.ops.box import box_loss, matching_cost
 from detr_fast.ops.layernorm import add_dropout_layernorm
 
-__all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "reference",
+__all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "bias_act",
+           "reference",
            "backends", "extension_loaded", "has_kernel"]

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-OPS = ("matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm")
+OPS = ("matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "bias_act")
 
 
 @functools.lru_cache(maxsize=None)

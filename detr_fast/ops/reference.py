@@ -206,3 +206,22 @@ def add_dropout_layernorm(x, residual, weight, bias, p=0.0, training=False, eps=
     if weight.dtype == h.dtype and bias.dtype == h.dtype:
         return F.layer_norm(h, (d,), weight, bias, eps)
     return F.layer_norm(h.to(weight.dtype), (d,), weight, bias.to(weight.dtype), eps).to(h.dtype)
+
+
+def bias_act(x, bias, residual=None, relu=True):
+    """relu(x + bias + residual) with bias [C] broadcast over dimension 1 (the channels) of x [N, C, ...].
+
+    residual (optional) has x's shape and dtype; relu=False leaves out the activation. Computed as eager PyTorch
+    computes a convolution's bias, a residual add and a ReLU: each step in x's dtype (the bias cast to it first).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [N, C, ...], got {tuple(x.shape)}")
+    if bias.shape != (x.shape[1],):
+        raise ValueError(f"bias must have shape [C] = [{x.shape[1]}], got {tuple(bias.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)} and dtype {x.dtype}, got "
+                         f"{tuple(residual.shape)} and {residual.dtype}")
+    y = x + bias.to(x.dtype).view([1, -1] + [1] * (x.dim() - 2))
+    if residual is not None:
+        y = y + residual
+    return y.relu() if relu else y

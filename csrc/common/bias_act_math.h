@@ -1,0 +1,30 @@
+// Math of detr_fast::bias_act shared by the CPU and CUDA kernels.
+//
+//   out = relu(x + bias[c] + residual)   (the ReLU and the residual optional)
+//
+// x is viewed as [outer, C, inner]: inner = 1 for channels_last (and [N, C]) tensors, the product of the spatial
+// sizes for contiguous NCHW ones. The sum is formed in acc_t (float; double for double inputs) and rounded once.
+#pragma once
+#include <cstdint>
+
+#ifndef DF_HD
+#ifdef __CUDACC__
+#define DF_HD __host__ __device__ __forceinline__
+#else
+#define DF_HD inline
+#endif
+#endif
+
+namespace detr_fast {
+
+// The channel of flat element i of x viewed as [outer, C, inner].
+DF_HD int64_t bias_act_channel(int64_t i, int64_t C, int64_t inner) { return inner == 1 ? i % C : (i / inner) % C; }
+
+// One output value. NaN stays NaN through the ReLU, as torch.relu keeps it.
+template <typename acc_t>
+DF_HD acc_t bias_act_value(acc_t x, acc_t b, acc_t r, bool relu) {
+  const acc_t v = x + b + r;
+  return (relu && v < acc_t(0)) ? acc_t(0) : v;
+}
+
+}  // namespace detr_fast

@@ -1,0 +1,96 @@
+"""detr_fast.ops.bias_act: a convolution's bias, an optional residual add and an optional ReLU in one pass.
+
+    out = relu(x + bias[c] + residual)      x, residual [N, C, ...]; bias [C] broadcast over dimension 1
+
+With FrozenBatchNorm folded into the preceding convolution (detr_fast.models.fold), what is left of the norm is a
+per-channel bias. Eager PyTorch adds a convolution's bias in a pass of its own, then the ReLU (and at the end of a
+ResNet block the residual add and another ReLU) each read and write the whole activation again; this op reads x
+(and residual) once and writes out once. The sum is formed in float32 (float64 for float64 x) and rounded once to
+x's dtype; bias may be float32 with a low-precision x (autocast keeps the folded shift in float32).
+
+Layouts: x in contiguous (NCHW) or channels_last form keeps its layout (residual is brought to the same one); any
+other strides are made contiguous first.
+
+Backward: d x = d residual = grad_out where out > 0 (everywhere without the ReLU), d bias = its sum over every
+dimension but 1 (only computed when bias requires grad). These are torch's own threshold_backward and sum, the
+kernels eager PyTorch runs for the same graph; only `out` is saved (with the ReLU), which the next convolution
+saves anyway.
+
+Backends: the CUDA kernel, the C++ CPU kernel, and reference.bias_act when the extension is not built.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from detr_fast.ops import reference
+from detr_fast.ops._ext import extension_loaded, has_kernel
+
+_HAS_KERNEL = {dev: has_kernel("bias_act", dev) for dev in ("cpu", "cuda")}
+_warned: set = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"detr_fast.ops.bias_act: {reason}; running reference.bias_act", stacklevel=3)
+
+
+def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
+             relu: bool = True) -> torch.Tensor:
+    """relu(x + bias + residual) (relu=False: no activation; residual=None: no residual) in x's dtype.
+
+    x [N, C, ...] float; bias [C] float (x's dtype or float32); residual like x or None.
+    """
+    if not _HAS_KERNEL.get(x.device.type, False):
+        _warn_once(f"no bias_act kernel built for device {x.device.type}")
+        return reference.bias_act(x, bias, residual, relu)
+    return torch.ops.detr_fast.bias_act(x, bias, residual, bool(relu))
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _out_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format the kernels give the output: channels_last when x is in it (and not also contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _register() -> None:
+    @torch.library.register_fake("detr_fast::bias_act")
+    def _fake(x, bias, residual, relu):
+        torch._check(x.dim() >= 2, lambda: "bias_act: x must have shape [N, C, ...]")
+        torch._check(bias.dim() == 1 and bias.shape[0] == x.shape[1], lambda: "bias_act: bias must be [C]")
+        torch._check(residual is None or residual.shape == x.shape, lambda: "bias_act: residual must be x's shape")
+        return torch.empty_like(x, memory_format=_out_format(x))
+
+    def _setup_context(ctx, inputs, output):
+        x, bias, residual, relu = inputs
+        ctx.relu = relu
+        ctx.has_residual = residual is not None
+        ctx.bias_dtype = bias.dtype
+        if relu:
+            ctx.save_for_backward(output)
+
+    def _backward(ctx, grad_out):
+        if ctx.relu:
+            (out,) = ctx.saved_tensors
+            grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        else:
+            grad = grad_out
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            dims = [d for d in range(grad.dim()) if d != 1]
+            grad_bias = grad.sum(dim=dims, dtype=_acc_dtype(grad)).to(ctx.bias_dtype)
+        grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[2] else None
+        return grad, grad_bias, grad_residual, None
+
+    torch.library.register_autograd("detr_fast::bias_act", _backward, setup_context=_setup_context)
+
+
+if extension_loaded() and hasattr(torch.ops.detr_fast, "bias_act"):
+    _register()
