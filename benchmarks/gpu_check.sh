@@ -18,7 +18,7 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
 STAGES=${STAGES:-"wheels build validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"}
 # the cheap, decisive variants first; the compile variants (long compile times) last
-STEP_VARIANTS=${STEP_VARIANTS:-ref_tf32,fast,fast_graph,fast_norm,ref_fp32,ref_compile,fast_compile}
+STEP_VARIANTS=${STEP_VARIANTS:-ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_all,ref_fp32,ref_compile,fast_compile}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY=()
 
@@ -51,8 +51,8 @@ stage validate 120 $PY -m detr_fast validate --device cuda
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE $XDIST tests
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
-COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 "}
-stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm \
+COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end"}
+stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act \
   --compile-filter "$COMPILE_FILTER" --json "$OUT/bench_ops.json"
 if [ -f benchmarks/bench_assignment.py ]; then
   stage bench_assignment 120 $PY benchmarks/bench_assignment.py --device cuda --quick

@@ -37,6 +37,9 @@ class ModelConfig:
     channels_last: bool = False  # run the backbone in NHWC memory layout
     # post-norm steps norm(residual + dropout(x)) as one fused add_dropout_layernorm call (same parameters)
     fused_norm: bool = False
+    # folded ResNet trunk: each conv's bias, the ReLUs and the residual adds as fused bias_act calls (same parameters;
+    # needs fold_bn, frozen_bn and a resnet backbone)
+    fused_bias_act: bool = False
 
 
 @dataclass
@@ -200,6 +203,11 @@ def validate(cfg: Config) -> Config:
     if cfg.data.max_targets > cfg.model.num_queries:
         raise ConfigError(f"data.max_targets ({cfg.data.max_targets}) must not exceed model.num_queries "
                           f"({cfg.model.num_queries}): every target needs its own query")
+    m = cfg.model
+    if m.fused_bias_act and not (m.fold_bn and m.frozen_bn and m.backbone != "light"):
+        raise ConfigError(f"model.fused_bias_act needs model.fold_bn=true, model.frozen_bn=true and a resnet backbone "
+                          f"(it fuses the folded FrozenBatchNorm's bias into the ResNet blocks); got fold_bn="
+                          f"{str(m.fold_bn).lower()}, frozen_bn={str(m.frozen_bn).lower()}, backbone={m.backbone}")
     if cfg.train.cuda_graph:
         if cfg.train.amp == "fp16":
             raise ConfigError("train.cuda_graph does not work with amp fp16 (its GradScaler reads the device); use "

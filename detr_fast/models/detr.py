@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
-from detr_fast.models.fold import fold_frozen_bn
+from detr_fast.models.fold import fold_frozen_bn, fuse_bias_act
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
 
@@ -65,6 +65,8 @@ def build_detr(cfg) -> DETR:
                         light_channels=m.light_channels, light_stem=m.light_stem)
     if m.fold_bn and m.frozen_bn and m.backbone != "light":
         fold_frozen_bn(backbone)
+        if m.fused_bias_act:
+            fuse_bias_act(backbone)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
                               attn_impl=m.attention, fused_norm=m.fused_norm)

@@ -1,23 +1,64 @@
-"""Fold FrozenBatchNorm2d into the preceding convolution.
+"""Fold FrozenBatchNorm2d into the preceding convolution, and optionally fuse the folded bias into bias_act.
 
 A frozen BatchNorm is an affine map per channel, y = x * s + t with s = weight / sqrt(var + eps) and
 t = bias - mean * s. After a convolution it folds exactly into the convolution: conv(x, W) * s + t =
-conv(x, W * s[:, None, None, None]) + t. The folded weight is recomputed from W on every forward (a tiny op on the
+conv(x, W * s[:, None, None, None]) + t. A trainable W is multiplied by s on every forward (a tiny op on the
 weights), so W keeps training and its gradient is unchanged, while the per-activation multiply and add over every
 backbone feature map disappear. State-dict keys and values stay those of the unfolded model.
+
+s and t (and, for a frozen W, the folded weight W * s) are cached on the module: the frozen statistics never change
+during training, so recomputing them costs a handful of tiny operator launches per convolution per step for
+nothing. Under autocast the cached weight and bias are stored already cast to its dtype (the very values autocast's
+own cast would give). Each cache entry is keyed on the (data_ptr, _version, device, dtype) of every tensor it was
+computed from, all read on the host: load_state_dict (an in-place copy bumps _version), any other in-place write,
+.to(), .double() miss it. Only writes through `.data`, which bypass the version counter, would go unseen. The entry
+also holds the storages of those tensors, so a freed buffer's address cannot come back under the same key. While
+torch.compile traces and while a CUDA graph is captured everything is computed inline: a captured graph reads the
+buffers themselves, so an in-place load between replays still reaches it.
+
+fuse_bias_act (after fold_frozen_bn) goes one step further: a folded convolution still adds its bias in a pass of
+its own under eager PyTorch, then the ReLU, and at a residual block's end the residual add and another ReLU, each a
+full pass over the activation. The fused blocks run each convolution without bias and apply bias, residual and ReLU
+in one detr_fast.ops.bias_act call.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detr_fast.ops import bias_act
+
+
+def _key(t: torch.Tensor) -> tuple:
+    """A host-side identity of a tensor's current contents: changes with its memory, any in-place write, device and
+    dtype. Reads no device memory."""
+    return t.data_ptr(), t._version, t.device, t.dtype
+
+
+def _may_cache(x: torch.Tensor) -> bool:
+    """Host-side caches are bypassed while torch.compile traces and while a CUDA graph is being captured."""
+    return not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _autocast_dtype(x: torch.Tensor, t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives t as an operand of a convolution on x's device (t's own dtype without autocast)."""
+    dev = x.device.type
+    if t.is_floating_point() and t.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
 
 
 class FoldedConv2d(nn.Module):
     """A Conv2d followed by a FrozenBatchNorm2d, computed as one convolution with bias.
 
-    Holds the original conv as `conv` only through its parameters: the state-dict key stays `<name>.weight`."""
+    Holds the original conv as `conv` only through its parameters: the state-dict key stays `<name>.weight`.
+    fused_relu (set by fuse_bias_act for the stem): the bias and a ReLU are applied by one bias_act call."""
 
     def __init__(self, conv: nn.Conv2d, bn: FrozenBatchNorm2d):
         super().__init__()
@@ -25,15 +66,66 @@ class FoldedConv2d(nn.Module):
             raise ValueError("folding expects a bias-free convolution")
         self.weight = conv.weight
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.fused_relu = False
         object.__setattr__(self, "_bn", bn)  # not a submodule: its buffers stay under the BN's own name
+        self._cache: dict = {}  # name -> (key, value, pinned storages); not a buffer: the state dict is unchanged
+
+    def _apply(self, *args, **kwargs):
+        self._cache.clear()  # .to() / .cuda() / .double(): the keys would miss anyway; free the old tensors now
+        return super()._apply(*args, **kwargs)
+
+    def _cached(self, name: str, key: tuple, sources: tuple, compute: Callable):
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        # plain tensors even when the first call runs in inference mode: later training steps save them for backward
+        with torch.inference_mode(False), torch.no_grad():
+            value = compute()
+        self._cache[name] = (key, value, [t.untyped_storage() for t in sources])
+        return value
+
+    def _scale_shift_now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale [C_out, 1, 1, 1], shift [C_out]) from the BN buffers."""
+        bn = self._bn
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        return scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
+
+    def _folded(self, x: torch.Tensor, cast_shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W * scale, shift) for the convolution of x. cast_shift: shift in the convolution's operand dtype (for
+        F.conv2d's bias) rather than the BN's own."""
+        bn, w = self._bn, self.weight
+        bufs = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if not _may_cache(x) or any(t.requires_grad for t in bufs):
+            scale, shift = self._scale_shift_now()
+            return w * scale.to(w.dtype), shift.to(x.dtype) if cast_shift and x.dtype == w.dtype else shift
+        bn_key = tuple(_key(t) for t in bufs) + (bn.eps,)
+        scale, shift = self._cached("scale_shift", bn_key, bufs, self._scale_shift_now)
+        wdt = _autocast_dtype(x, w)
+        if cast_shift and shift.dtype != wdt:
+            shift = self._cached("shift_cast", (bn_key, wdt), bufs, lambda: shift.to(wdt))
+        if w.requires_grad:  # recomputed every forward: the gradient reaches W through the product
+            return w * scale.to(w.dtype), shift
+        weight = self._cached("weight", (bn_key, _key(w), wdt), bufs + (w,), lambda: (w * scale.to(w.dtype)).to(wdt))
+        return weight, shift
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def conv_nobias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the folded convolution of x without its bias, the bias [C_out] in the BN's dtype) for a caller that adds
+        the bias itself (bias_act accepts a float32 bias with a bf16 activation)."""
+        weight, shift = self._folded(x, cast_shift=False)
+        return self._conv(x, weight, None), shift
 
     def forward(self, x):
-        bn = self._bn
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # [C_out]
-        shift = bn.bias - bn.running_mean * scale
-        w = self.weight * scale.to(self.weight.dtype)[:, None, None, None]
-        return F.conv2d(x, w, shift.to(x.dtype) if x.dtype == w.dtype else shift, self.stride, self.padding,
-                        self.dilation, self.groups)
+        if self.fused_relu:
+            y, shift = self.conv_nobias(x)
+            return bias_act(y, shift, relu=True)
+        weight, shift = self._folded(x, cast_shift=True)
+        return self._conv(x, weight, shift)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, stride={self.stride}" + (", fused_relu=True" if self.fused_relu else "")
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -66,4 +158,81 @@ def fold_frozen_bn(module: nn.Module) -> int:
                 setattr(parent, bname, bn_new)
                 setattr(parent, cname, FoldedConv2d(conv, bn_new))
                 count += 1
+    return count
+
+
+class BiasActBlock(nn.Module):
+    """A folded torchvision Bottleneck or BasicBlock whose biases, residual add and ReLUs run as bias_act calls.
+
+    Keeps the block's children under their names (conv1, bn1, ..., relu, downsample), so state-dict keys are those
+    of the block. Per conv but the last: conv without bias -> bias_act(relu). The last: conv without bias ->
+    bias_act(bias + downsample bias, residual = x or the downsample conv's raw output, relu): the downsample's
+    bias is folded into the combined bias, so its output is never touched on its own."""
+
+    def __init__(self, block: Bottleneck | BasicBlock):
+        super().__init__()
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.downsample = getattr(block, "downsample", None)
+        self.stride = block.stride
+        self.n_convs = 3 if isinstance(block, Bottleneck) else 2
+        self._bias_sum: tuple = ()  # (last conv's shift, downsample's shift, their sum) while both are cached
+
+    def _combined_bias(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """s + t, reused while both operands are the same cached tensors (identity is safe: they are held here)."""
+        if not _may_cache(s) or s.requires_grad or t.requires_grad:
+            return s + t
+        c = self._bias_sum
+        if c and c[0] is s and c[1] is t:
+            return c[2]
+        with torch.inference_mode(False), torch.no_grad():
+            out = s + t
+        self._bias_sum = (s, t, out)
+        return out
+
+    def _apply(self, *args, **kwargs):
+        self._bias_sum = ()
+        return super()._apply(*args, **kwargs)
+
+    def forward(self, x):
+        y = x
+        for i in range(1, self.n_convs):
+            y, s = getattr(self, f"conv{i}").conv_nobias(y)
+            y = bias_act(y, s, relu=True)
+        y, s = getattr(self, f"conv{self.n_convs}").conv_nobias(y)
+        if self.downsample is None:
+            identity = x
+        else:
+            identity, t = self.downsample[0].conv_nobias(x)
+            s = self._combined_bias(s, t)
+        return bias_act(y, s, residual=identity.to(y.dtype), relu=True)
+
+
+def _is_folded_block(block: nn.Module) -> bool:
+    if not isinstance(block, (Bottleneck, BasicBlock)):
+        return False
+    n = 3 if isinstance(block, Bottleneck) else 2
+    folded = all(isinstance(getattr(block, f"conv{i}"), FoldedConv2d) for i in range(1, n + 1))
+    ds = block.downsample
+    return folded and (ds is None or isinstance(ds, nn.Sequential) and len(ds) == 2
+                       and isinstance(ds[0], FoldedConv2d) and isinstance(ds[1], FoldedFrozenBatchNorm2d))
+
+
+def fuse_bias_act(module: nn.Module) -> int:
+    """Replace every folded Bottleneck / BasicBlock in module by a BiasActBlock, and run a folded stem (conv1, bn1,
+    relu as siblings) as conv + bias_act(relu); in place, after fold_frozen_bn. Returns the stems and blocks fused.
+    State-dict keys and values are unchanged."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if _is_folded_block(child):
+                setattr(parent, name, BiasActBlock(child))
+                count += 1
+        if not isinstance(parent, (ResNet, IntermediateLayerGetter)):  # where conv1, bn1, relu run in sequence
+            continue
+        conv, bn, relu = getattr(parent, "conv1", None), getattr(parent, "bn1", None), getattr(parent, "relu", None)
+        if isinstance(conv, FoldedConv2d) and isinstance(bn, FoldedFrozenBatchNorm2d) and isinstance(relu, nn.ReLU):
+            conv.fused_relu = True
+            parent.relu = nn.Identity()
+            count += 1
     return count

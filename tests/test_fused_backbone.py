@@ -1,0 +1,260 @@
+"""model.fused_bias_act: the folded ResNet trunk with each conv's bias, ReLUs and residual adds as bias_act calls
+computes the unfused trunk's function (outputs and gradients), keeps its state dict, and its cached folded
+scale/shift/weight never go stale."""
+import collections
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from detr_fast.config import ConfigError, load_config
+from detr_fast.criterion import build_criterion
+from detr_fast.models import build_detr
+from detr_fast.models.backbone import Backbone
+from detr_fast.models.fold import BiasActBlock, FoldedConv2d, fold_frozen_bn, fuse_bias_act
+
+pytestmark = pytest.mark.filterwarnings("ignore:detr_fast.ops.bias_act")
+
+
+def _randomize_bn(module, seed):
+    """Non-trivial frozen statistics in every FrozenBatchNorm2d (folded ones included)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.shape[0]
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+
+
+def _trunks(name, dtype, channels_last=False):
+    """(plain, folded, folded + fused) trunks with the same weights and random BN statistics."""
+    torch.manual_seed(0)
+    plain = Backbone(name, train_backbone=True, frozen_bn=True).body
+    _randomize_bn(plain, 1)
+    folded = copy.deepcopy(plain)
+    fold_frozen_bn(folded)
+    fused = copy.deepcopy(folded)
+    assert fuse_bias_act(fused) == 1 + (8 if name == "resnet18" else 16)  # the stem and every block
+    nets = [m.to(dtype) for m in (plain, folded, fused)]
+    if channels_last:
+        nets = [m.to(memory_format=torch.channels_last) for m in nets]
+    return nets
+
+
+def _run(net, x, r):
+    """Output and the gradients (input and every trainable parameter) of <net(x), r>."""
+    x = x.detach().clone().requires_grad_(True)
+    out = net(x)["0"]
+    (out * r).sum().backward()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+F64, F32 = (torch.float64, 1e-10), (torch.float32, 1e-5)  # dtype, relative tolerance
+
+
+# resnet50 is slow on a CPU: one case per dtype. Its float32 gradients are not compared: of its over a million ReLU
+# inputs in the trainable layers a few lie within float32 rounding of zero, and where two computations (equal in exact
+# arithmetic) round one to opposite sides, the gradient routed through it moves whole weight gradients by percents (in
+# about half of random draws). float64 checks them; resnet18 has few enough such inputs for float32.
+@pytest.mark.parametrize("name,dtype,rtol,channels_last,check_grads", [
+    pytest.param(name, *dt, cl, name == "resnet18" or dt is F64,
+                 id=f"{name}-{str(dt[0]).split('.')[-1]}-{'nhwc' if cl else 'nchw'}")
+    for name, dt, cl in [("resnet18", F64, False), ("resnet18", F64, True), ("resnet18", F32, False),
+                         ("resnet18", F32, True), ("resnet50", F64, False), ("resnet50", F32, True)]])
+def test_fused_trunk_matches_unfused(name, dtype, rtol, channels_last, check_grads):
+    plain, folded, fused = _trunks(name, dtype, channels_last)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 67, 95, generator=g).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        r = torch.randn(folded(x)["0"].shape, generator=g).to(dtype)
+    out_p, dx_p, g_p = _run(plain, x, r)
+    for _ in range(2):  # the second pass runs on the cached scale, shift and frozen weights
+        for net in (folded, fused):
+            net.zero_grad(set_to_none=True)
+        out_f, dx_f, g_f = _run(folded, x, r)
+        out, dx, grads = _run(fused, x, r)
+        torch.testing.assert_close(out, out_f, rtol=rtol, atol=rtol * out_f.abs().max())
+        torch.testing.assert_close(out, out_p, rtol=rtol, atol=rtol * out_p.abs().max())
+        assert grads.keys() == g_f.keys() == g_p.keys() and len(grads) > 0
+        assert not any(n.startswith(("conv1", "layer1")) for n in grads)  # the stem and layer1 stay frozen
+        if not check_grads:
+            continue
+        if dtype == torch.float64:  # in float32 a rounding flips near-ties of the max-pool, which routes dx elsewhere
+            torch.testing.assert_close(dx, dx_f, rtol=rtol, atol=rtol * dx_f.abs().max())
+            torch.testing.assert_close(dx, dx_p, rtol=rtol, atol=rtol * dx_p.abs().max())
+        for n in grads:
+            tol = rtol * g_f[n].abs().max()
+            torch.testing.assert_close(grads[n], g_f[n], rtol=rtol, atol=tol, msg=n)
+            torch.testing.assert_close(grads[n], g_p[n], rtol=rtol, atol=tol, msg=n)
+    if channels_last:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert isinstance(fused.layer2[0], BiasActBlock) and fused.layer2[0].downsample is not None
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+
+
+def _small_detr(fused):
+    sets = ["model.backbone=resnet18", "model.hidden_dim=32", "model.nheads=4", "model.enc_layers=1",
+            "model.dec_layers=2", "model.dim_feedforward=64", "model.num_queries=6", "model.num_classes=3",
+            "model.dropout=0.0", "model.kernels=reference", f"model.fused_bias_act={str(fused).lower()}"]
+    return load_config(None, sets)
+
+
+def _targets():
+    g = torch.Generator().manual_seed(4)
+    boxes = torch.cat((torch.rand(2, 3, 2, generator=g) * 0.6 + 0.2, torch.rand(2, 3, 2, generator=g) * 0.3 + 0.05), -1)
+    boxes[1, 2] = 0.0  # the second image has two targets, padded to three
+    return {"labels": torch.tensor([[0, 2, 1], [1, 0, 0]]), "boxes": boxes, "num_targets": torch.tensor([3, 2])}
+
+
+def test_detr_with_fused_bias_act_equals_plain():
+    torch.manual_seed(0)
+    plain = build_detr(_small_detr(False)).double()
+    fused = build_detr(_small_detr(True)).double()
+    assert sum(isinstance(m, BiasActBlock) for m in fused.modules()) == 8
+    assert not any(isinstance(m, BiasActBlock) for m in plain.modules())
+    _randomize_bn(plain, 3)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    plain.load_state_dict(fused.state_dict(), strict=True)  # and back
+    crit = build_criterion(_small_detr(False))
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(2, 3, 67, 95, generator=g, dtype=torch.float64)
+    mask = torch.zeros(2, 67, 95, dtype=torch.bool)
+    mask[1, 50:] = True
+    mask[1, :, 70:] = True
+    targets = _targets()
+    res = []
+    for model in (plain, fused):
+        out = model(images, mask)
+        losses = crit(out, targets)
+        total = sum(losses[k] * crit.weight_dict[k] for k in losses)
+        total.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        res.append((out, float(total.detach()), grads))
+    (a, la, ga), (b, lb, gb) = res
+    for k in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(b[k], a[k], rtol=1e-10, atol=1e-12)
+    assert abs(la - lb) <= 1e-6 * abs(la)
+    assert ga.keys() == gb.keys() and any(n.startswith("backbone.0.body.layer4") for n in ga)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-7 * ga[n].abs().max(), msg=n)
+
+
+def test_cache_follows_state_dict_dtype_and_in_place_writes():
+    """The cached scale, shift and folded frozen weights are recomputed whenever their sources change."""
+    torch.manual_seed(0)
+    plain = Backbone("resnet18", train_backbone=True, frozen_bn=True).body
+    _randomize_bn(plain, 1)
+    other = copy.deepcopy(plain)
+    _randomize_bn(other, 7)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    fused = copy.deepcopy(plain)
+    fold_frozen_bn(fused)
+    fuse_bias_act(fused)
+    x = torch.randn(2, 3, 67, 95, generator=torch.Generator().manual_seed(8))
+
+    def check(ref):
+        with torch.no_grad():
+            want = ref(x)["0"]
+            torch.testing.assert_close(fused(x)["0"], want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+    check(plain)
+    fused.load_state_dict(other.state_dict())  # new statistics and frozen weights: in-place copies
+    check(other)
+    fused.load_state_dict(plain.state_dict())
+    check(plain)
+    with torch.no_grad():  # an in-place write into one buffer and one frozen weight
+        plain.layer1[0].bn2.running_var.mul_(3.0)
+        fused.layer1[0].bn2.running_var.mul_(3.0)
+        plain.conv1.weight.mul_(0.5)
+        fused.conv1.weight.mul_(0.5)
+    check(plain)
+    plain.double()  # .double(): new tensors of another dtype
+    fused.double()
+    xd = x.double()
+    with torch.no_grad():
+        out = fused(xd)["0"]
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, plain(xd)["0"], rtol=1e-10, atol=1e-10)
+    conv = fused.layer1[0].conv1
+    assert conv._cache["scale_shift"][1][1].dtype == torch.float64
+    assert "weight" in conv._cache and conv._cache["weight"][1].dtype == torch.float64  # frozen: cached
+    assert "weight" not in fused.layer3[0].conv1._cache  # trainable: W * scale every forward (for its gradient)
+    # nothing cached reaches the state dict
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+
+
+def test_cache_survives_inference_mode_and_is_bypassed_when_compiling(monkeypatch):
+    torch.manual_seed(0)
+    body = Backbone("resnet18", train_backbone=True, frozen_bn=True).body
+    _randomize_bn(body, 1)
+    fold_frozen_bn(body)
+    fuse_bias_act(body)
+    x = torch.randn(1, 3, 35, 41)
+    with torch.inference_mode():  # the first forward fills the caches in inference mode ...
+        ref = body(x)["0"]
+    out = body(x)["0"]  # ... which a training forward can still save for backward
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), ref)
+    assert body.layer3[0].conv1.weight.grad is not None
+    body2 = copy.deepcopy(body)
+    for m in body2.modules():
+        if isinstance(m, FoldedConv2d):
+            m._cache.clear()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        torch.testing.assert_close(body2(x)["0"], ref)
+    assert not any(m._cache for m in body2.modules() if isinstance(m, FoldedConv2d))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_cached_folded_conv_dispatches_only_the_convolution():
+    torch.manual_seed(0)
+    body = Backbone("resnet18", train_backbone=True, frozen_bn=True).body
+    fold_frozen_bn(body)
+    frozen, trainable = body.layer1[0].conv1, body.layer3[0].conv1
+    for conv, cin, expect in ((frozen, 64, {"aten.convolution": 1}),
+                              (trainable, 128, {"aten.convolution": 1, "aten.mul": 1})):
+        x = torch.randn(1, cin, 9, 11)
+        conv(x)
+        with _Ops() as c:
+            conv(x)
+        assert dict(c.ops) == expect
+        xb = x.bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the casts autocast would do are cached
+            conv(xb)
+            with _Ops() as c:
+                y = conv(xb)
+        assert y.dtype == torch.bfloat16
+        assert dict(c.ops) == (expect if conv is frozen else {**expect, "aten._to_copy": 1})
+
+
+def test_fuse_bias_act_needs_folded_resnet_config():
+    assert load_config(None, ["model.backbone=resnet18", "model.fused_bias_act=true"]).model.fused_bias_act
+    for bad in (["model.fold_bn=false"], ["model.frozen_bn=false"], ["model.backbone=light"]):
+        with pytest.raises(ConfigError, match="model.fused_bias_act needs"):
+            load_config(None, ["model.fused_bias_act=true"] + bad)
+    model = build_detr(load_config(None, ["model.backbone=resnet18", "model.fused_bias_act=true", "model.hidden_dim=32",
+                                          "model.nheads=4", "model.enc_layers=1", "model.dec_layers=1",
+                                          "model.dim_feedforward=64"]))
+    body = model.backbone[0].body
+    assert body.conv1.fused_relu and isinstance(body.relu, torch.nn.Identity)
+    assert fuse_bias_act(body) == 0  # already fused
