@@ -25,7 +25,9 @@ def _loss_and_grads(variant, state, batch, extra=()):
     return {k: float(v.detach()) for k, v in losses.items()}, grads
 
 
-@pytest.mark.parametrize("extra", [(), ("model.fused_norm=true",)], ids=["plain_norm", "fused_norm"])
+@pytest.mark.parametrize("extra", [(), ("model.fused_norm=true",), ("model.fused_bias_act=true",),
+                                   ("model.fused_norm=true", "model.fused_bias_act=true")],
+                         ids=["plain", "fused_norm", "fused_bias_act", "fused_both"])
 def test_fast_path_equals_reference_path_in_fp32(extra):
     torch.manual_seed(0)
     _, base, _ = build(OVER, "ref_fp32", "cpu")
@@ -70,6 +72,7 @@ def test_fast_step_reads_nothing_back_to_the_host():
     batch = make_batch(2, 64, 96, 7, "cpu", seed=5, max_targets=4)
     _step("fast_fp32", batch)  # our kernels: no host read anywhere in forward, loss, backward, clipping
     _step("fast_fp32", batch, ("model.fused_norm=true", "model.dropout=0.1"))  # fused norm, dropout drawn too
+    _step("fast_fp32", batch, ("model.fused_bias_act=true",))  # fused trunk, its cached folded BatchNorm
     # the detector does catch the reference path's matcher (scipy on host copies)
     with pytest.raises(AssertionError, match="host"):
         _step("ref_fp32", batch)
