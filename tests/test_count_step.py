@@ -31,3 +31,13 @@ def test_main_prints(capsys):
     assert count_step.main(["--batch", "1", "--height", "64", "--width", "64", "--backbone", "resnet18"]) == 0
     out = capsys.readouterr().out
     assert "TFLOP" in out and "GB less" in out
+
+
+def test_folded_and_fused_trunk_count_the_same_flops():
+    """Folding and fusing change passes over memory, not the convolutions: the same FLOPs (meta tensors; the folded
+    model's autocast check and the fused blocks run on the meta device too)."""
+    base = ["model.backbone=resnet18", "model.enc_layers=1", "model.dec_layers=1"]
+    plain = count_step.step_flops(load_config(None, base + ["model.fold_bn=false"]), 1, 64, 64)
+    fused = count_step.step_flops(load_config(None, base + ["model.fold_bn=true", "model.fused_bias_act=true"]), 1,
+                                  64, 64)
+    assert fused["backbone"] == plain["backbone"] > 0

@@ -49,7 +49,7 @@ def _may_cache(x: torch.Tensor) -> bool:
 def _autocast_dtype(x: torch.Tensor, t: torch.Tensor) -> torch.dtype:
     """The dtype autocast gives t as an operand of a convolution on x's device (t's own dtype without autocast)."""
     dev = x.device.type
-    if t.is_floating_point() and t.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+    if dev in ("cpu", "cuda") and t.is_floating_point() and t.dtype != torch.float64 and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return t.dtype
 
