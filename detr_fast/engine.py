@@ -126,6 +126,16 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, steps_p
     return optimizer, build_scheduler(optimizer, cfg, steps_per_epoch)
 
 
+def match_param_groups(optimizer, capturable: bool) -> None:
+    """After optimizer.load_state_dict: set each param group's capturable flag to this run's and its LR back to a
+    Python float (a checkpoint of a CUDA-graph run holds LR tensors; a graph run turns floats into device tensors
+    afterwards). Capturing a step whose groups say capturable=False fails, and a non-capturable step with tensor LRs
+    warns; both happen when a run resumes from a checkpoint written with the other train.cuda_graph setting."""
+    for g in optimizer.param_groups:
+        g["capturable"] = bool(capturable)
+        g["lr"] = float(g["lr"])  # a CPU tensor here (checkpoints load to the CPU): no device read
+
+
 def lr_factor(step: int, cfg: Config, steps_per_epoch: int) -> float:
     """The LR multiplier before optimizer step `step` (0-based): linear warm-up over train.warmup_steps, times
     the schedule evaluated at the fractional epoch step / steps_per_epoch ("step": 0.1 from epoch train.lr_drop on;
@@ -262,22 +272,29 @@ def _show_window(bar, epoch: int, keys, win: list, at_step: int, rate: float) ->
 
 class GraphRunner:
     """train.cuda_graph: the training step as one CUDA graph per padded batch shape (detr_fast.graphs.GraphedStep).
-    The first batch of a new shape is trained on eagerly (as the capture's warm-up), later ones replay the graph."""
+    The first batch of a new shape is trained on eagerly (as the capture's warm-up), later ones replay the graph.
+
+    The loss names and weights are fixed by the run's very first step and kept here for the runner's life: every
+    graph reads the weights tensor at the address it was captured with, so that tensor must outlive all of them
+    (a per-epoch tensor would be freed at the epoch's end while later replays still read its memory)."""
 
     def __init__(self, model, criterion, optimizer, *, amp_ctx, scaler, clip_max_norm: float):
         self.model, self.criterion, self.optimizer = model, criterion, optimizer
         self.kw = dict(amp_ctx=amp_ctx, scaler=scaler, clip_max_norm=clip_max_norm)
         self.graphs: dict = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.keys = self.weights = None
 
-    def step(self, batch, keys, weights):
+    def step(self, batch):
         """-> (keys, weights, row) as train_step; row is a fresh tensor (not the graph's output buffer)."""
         from types import SimpleNamespace
 
         from detr_fast.graphs import GraphedStep
 
-        if keys is None:  # the very first step: eager, it fixes the loss names and weights
-            return train_step(self.model, self.criterion, batch, self.optimizer, **self.kw)
+        if self.keys is None:  # the run's very first step: eager, it fixes the loss names and weights
+            self.keys, self.weights, row = train_step(self.model, self.criterion, batch, self.optimizer, **self.kw)
+            return self.keys, self.weights, row
+        keys, weights = self.keys, self.weights
 
         def step_fn(images, mask, targets):
             b = SimpleNamespace(images=images, mask=mask, targets=targets)
@@ -326,7 +343,7 @@ def train_one_epoch(model, criterion, loader, optimizer, device, epoch: int, cfg
         if pad:
             batch = pad_batch(batch, cfg.data.pad_to, cfg.data.max_targets)  # fixed shapes (on the device)
         if graph_runner is not None:
-            keys, weights, row = graph_runner.step(batch, keys, weights)
+            keys, weights, row = graph_runner.step(batch)
         else:
             keys, weights, row = train_step(model, criterion, batch, optimizer, amp_ctx=amp_ctx, scaler=scaler,
                                             clip_max_norm=t.clip_max_norm, weights=weights, keys=keys)
@@ -435,6 +452,9 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
             warnings.warn(f"{t.resume} holds RNG states for {len(rngs)} processes, this run has {world}; "
                           "reseeding from train.seed and the epoch", stacklevel=2)
             seed_everything(t.seed + rank + 1000 * start_epoch)
+        # the saved param groups carry the saving run's capturable flag (and, saved under train.cuda_graph, LRs as
+        # tensors): this run's settings win (the cuda_graph block below makes the LRs device tensors again)
+        match_param_groups(optimizer, capturable=t.cuda_graph and device.type == "cuda")
         log(f"resumed from {t.resume}: epoch {start_epoch} of {t.epochs}")
     graph_runner = None
     if t.cuda_graph:

@@ -13,7 +13,8 @@ GPU idle in the reference step (DESIGN.md section 4). The step must qualify for 
 - every replay sees the captured shapes: inputs are copied into static buffers, and a batch of another shape (or
   another number of padded targets) is refused with ValueError. Pad batches to a few fixed sizes (buckets) and keep
   one GraphedStep per bucket.
-The step's outputs are the captured output tensors, overwritten by the next replay (clone what you keep).
+The step's outputs are the captured output tensors, overwritten by the next replay of this graph or of any graph
+that shares its memory pool (clone what you keep).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class GraphedStep:
         flat, self._spec = tree_flatten(example_inputs)
         if not flat or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in flat):
             raise ValueError("GraphedStep needs CUDA tensors as inputs (CUDA graphs exist only on a GPU)")
+        # Kept for the graph's life: the captured kernels read, at fixed addresses, every tensor the step's closure
+        # holds (loss weights, LR tensors, ...); dropping the step could free them while replays still read them.
+        self._step = step
         if warmup < 1:
             raise ValueError("GraphedStep needs at least one warm-up step (optimizer state and lazy kernels)")
         self._static = [t.detach().clone() for t in flat]
@@ -46,7 +50,9 @@ class GraphedStep:
                 lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, out)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread, DALI's prefetch) during the
+        # capture are allowed; a sync in this thread still fails the capture
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = step(*static_inputs)
 
     def __call__(self, *inputs):
@@ -54,6 +60,9 @@ class GraphedStep:
         if spec != self._spec:
             raise ValueError(f"GraphedStep: the inputs' structure {spec} differs from the captured one {self._spec}")
         for i, (dst, src) in enumerate(zip(self._static, flat)):
+            if not isinstance(src, torch.Tensor) or src.device != dst.device:
+                raise ValueError(f"GraphedStep: input {i} must be a tensor on {dst.device}, got "
+                                 f"{getattr(src, 'device', type(src).__name__)}")
             if src.shape != dst.shape or src.dtype != dst.dtype:
                 raise ValueError(f"GraphedStep: input {i} has shape {tuple(src.shape)} {src.dtype}, the graph was "
                                  f"captured for {tuple(dst.shape)} {dst.dtype}; pad batches to the captured size")

@@ -444,6 +444,84 @@ def test_cuda_graph_training_equals_eager(tmp_path, amp):
         assert b["lr"] == pytest.approx(a["lr"])
 
 
+@pytest.mark.needs_cuda
+def test_cuda_graph_several_shapes_epochs_and_evaluations(tmp_path, monkeypatch):
+    """One graph per padded shape (batches of one image: 32x32 and 24x32 buckets), replayed over three epochs with an
+    evaluation after each: every epoch's loss equals the eager run's. A tensor the captured step reads (the loss
+    weights) must stay alive across epochs for this to hold."""
+    import detr_fast.engine as engine
+    from detr_fast.ops import has_kernel
+
+    if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")):
+        pytest.skip("the CUDA matcher kernels are not built")
+    runners = []
+
+    class Recording(engine.GraphRunner):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            runners.append(self)
+
+    monkeypatch.setattr(engine, "GraphRunner", Recording)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    common = ("train.device=cuda", "train.epochs=3", "train.eval_every=1", "data.batch_size=1",
+              "data.pad_to=[24, 32]", "data.max_targets=5", "train.warmup_steps=3")
+    eager = train(tiny_cfg(tmp_path / "eager", *common), loader_fn=fake_loader_fn())["epochs"]
+    graph = train(tiny_cfg(tmp_path / "graph", *common, "train.cuda_graph=true"), loader_fn=fake_loader_fn())["epochs"]
+    assert len(runners) == 1 and len(runners[0].graphs) == 2
+    for a, b in zip(eager, graph):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["AP50"] == pytest.approx(a["AP50"], abs=1e-3)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("first_graph", [False, True], ids=["eager_then_graph", "graph_then_eager"])
+def test_resume_across_cuda_graph_setting(tmp_path, first_graph):
+    """A checkpoint written with one train.cuda_graph setting resumes under the other (the optimizer's saved
+    capturable flag and LR type follow the resuming run)."""
+    from detr_fast.ops import has_kernel
+
+    if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")):
+        pytest.skip("the CUDA matcher kernels are not built")
+    common = ("train.device=cuda", "train.eval_every=0", "data.pad_to=[32]", "data.max_targets=5")
+    flag = lambda on: f"train.cuda_graph={str(on).lower()}"  # noqa: E731
+    train(tiny_cfg(tmp_path / "run", "train.epochs=1", flag(first_graph), *common), loader_fn=fake_loader_fn())
+    resumed = train(tiny_cfg(tmp_path / "run", "train.epochs=2", flag(not first_graph), *common,
+                             f"train.resume={tmp_path / 'run' / 'checkpoint.pth'}"), loader_fn=fake_loader_fn())
+    assert [r["epoch"] for r in resumed["epochs"]] == [1] and math.isfinite(resumed["epochs"][0]["train_loss"])
+
+
+def test_match_param_groups_after_loading_another_runs_state():
+    """A state dict saved by a CUDA-graph run (capturable, LR tensors) loaded into an eager run's optimizer: the
+    groups get this run's flag and float LRs back, and a step runs without complaint."""
+    from detr_fast.engine import match_param_groups
+
+    p = torch.nn.Parameter(torch.randn(4))
+    saver = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    p.grad = torch.randn(4)
+    saver.step()
+    state = saver.state_dict()
+    state["param_groups"][0]["capturable"] = True
+    state["param_groups"][0]["lr"] = torch.tensor(2e-3)
+    opt = torch.optim.AdamW([p], lr=1e-3, fused=True)
+    opt.load_state_dict(state)
+    assert opt.param_groups[0]["capturable"] is True and isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    match_param_groups(opt, capturable=False)
+    g = opt.param_groups[0]
+    assert g["capturable"] is False and isinstance(g["lr"], float) and g["lr"] == pytest.approx(2e-3)
+    with warnings_as_errors():
+        opt.step()
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)])
 def test_async_readback_returns_windows_in_order(device):
     from detr_fast.engine import AsyncReadback

@@ -65,3 +65,50 @@ def test_graphed_step_refuses_another_shape():
         g(torch.ones(5, device="cuda"))
     with pytest.raises(ValueError, match="structure"):
         g(a, a)
+
+
+@pytest.mark.needs_cuda
+def test_dropout_inside_a_graph_draws_fresh_masks_per_replay():
+    """Our attention and LayerNorm kernels take (seed, offset) from the CUDA generator in a capture-safe way: every
+    replay gets a new offset (rng_state changes) and so a new dropout mask."""
+    from detr_fast.ops.attention import attention_with_state
+    from detr_fast.ops.layernorm import add_dropout_layernorm_with_state
+
+    q, k = torch.randn(2, 4, 16, 32, device="cuda"), torch.randn(2, 4, 20, 32, device="cuda")
+    v = torch.randn_like(k)
+    x = torch.randn(64, 256, device="cuda")
+    r, w, b = torch.randn_like(x), torch.ones(256, device="cuda"), torch.zeros(256, device="cuda")
+
+    def step(q, x):
+        o, _, s1 = attention_with_state(q, k, v, None, 0.1)
+        y, _, _, s2 = add_dropout_layernorm_with_state(x, r, w, b, 0.1)
+        return o, y, s1, s2
+
+    graphed = GraphedStep(step, (q, x), warmup=1)
+    seen = []
+    for _ in range(3):
+        o, y, s1, s2 = (t.clone() for t in graphed(q, x))
+        seen.append((o, y, tuple(s1.tolist()), tuple(s2.tolist())))
+    for a, b_ in zip(seen, seen[1:]):
+        assert a[2] != b_[2] and a[3] != b_[3]
+        assert not torch.equal(a[0], b_[0]) and not torch.equal(a[1], b_[1])
+
+
+@pytest.mark.needs_cuda
+def test_tensors_the_step_closes_over_outlive_the_capture():
+    """A tensor only the step's closure holds (the engine's loss weights) is read by every replay at its captured
+    address: GraphedStep keeps the step, so the tensor stays alive and replays stay right."""
+    import gc
+    import weakref
+
+    def make():
+        weights = torch.tensor([1.0, 2.0], device="cuda")
+        return GraphedStep(lambda a: (a * weights).sum(), (torch.ones(2, device="cuda"),), warmup=1), \
+            weakref.ref(weights)
+
+    graphed, ref = make()
+    gc.collect()
+    assert ref() is not None
+    torch.cuda.empty_cache()
+    _ = torch.full((1 << 20,), 7.0, device="cuda")  # reuse freed memory if there were any
+    assert graphed(torch.tensor([3.0, 4.0], device="cuda")).item() == pytest.approx(11.0)

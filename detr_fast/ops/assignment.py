@@ -44,7 +44,8 @@ def linear_assignment(cost, num_targets):
     """
     if has_kernel("linear_assignment", cost.device.type):
         out = torch.ops.detr_fast.linear_assignment(cost, num_targets)
-        if _SYNC_CHECKS and out.is_cuda:
+        # not while a CUDA graph is captured: the check reads a flag on the host, which a capture forbids
+        if _SYNC_CHECKS and out.is_cuda and not torch.cuda.is_current_stream_capturing():
             check_assignment(out)
         return out
     return reference.linear_assignment(cost, num_targets)
