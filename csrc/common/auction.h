@@ -502,7 +502,10 @@ LA_HD int solve(Team& tm, const Cost& c, int n, int Q, const Workspace& w, int64
   int unmatched = 0;
   for (int i = 0; i < n; ++i) unmatched += w.row_col[i] < 0;  // same count in every thread
   const bool warm = run_auction && 2 * unmatched <= n;
-  if (!warm) reset_cold(tm, n, Q, w);
+  if (!warm) {
+    tm.sync();  // every thread has counted before any of them clears row_col
+    reset_cold(tm, n, Q, w);
+  }
 
   // ---- Stage 3: shortest augmenting paths; then the check of (Z'), with a cold restart when it fails.
   int released = 0, steps = 0;

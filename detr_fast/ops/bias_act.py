@@ -8,6 +8,10 @@ ResNet block the residual add and another ReLU) each read and write the whole ac
 (and residual) once and writes out once. The sum is formed in float32 (float64 for float64 x) and rounded once to
 x's dtype; bias may be float32 with a low-precision x (autocast keeps the folded shift in float32).
 
+The CUDA kernels are built with fast math, which flushes subnormal floats (|v| < 2^-126) to zero: for such inputs
+or sums the CUDA result is 0 where the CPU kernel (and eager PyTorch) keep the subnormal value; everywhere else CPU
+and CUDA agree bit for bit.
+
 Layouts: x in contiguous (NCHW) or channels_last form keeps its layout (residual is brought to the same one); any
 other strides are made contiguous first.
 
