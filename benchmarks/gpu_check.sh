@@ -3,7 +3,11 @@
 # reference, run the CUDA tests, the kernel and attention microbenchmarks, the training-step benchmark and (when
 # DALI was brought over) the data benchmark; print a short summary last. Full logs go under $OUT (or ./gpu_out).
 #
-#   bash benchmarks/gpu_check.sh                 # everything
+#   bash benchmarks/gpu_check.sh                 # everything (about 15 minutes: more than one call's 10)
+#   PROFILE=first bash benchmarks/gpu_check.sh   # the decisive half, under 8 minutes: build, the CUDA tests of the
+#                                                # parts never run on a GPU, the eager/graph step variants, DALI
+#   PROFILE=second bash benchmarks/gpu_check.sh  # the rest on the same warm machine (the build is reused):
+#                                                # validate, all CUDA tests, kernel benchmarks, compile variants
 #   STAGES="build validate tests" bash benchmarks/gpu_check.sh
 #   STEP_VARIANTS=ref_tf32,fast bash benchmarks/gpu_check.sh
 #
@@ -16,9 +20,21 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"wheels build validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"}
-# the cheap, decisive variants first; the compile variants (long compile times) last
-STEP_VARIANTS=${STEP_VARIANTS:-ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_all,ref_fp32,ref_compile,fast_compile}
+case "${PROFILE:-all}" in
+  first)
+    DEFAULT_STAGES="wheels build tests_new bench_step bench_data charts"
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_all,fast_bias,fast_norm ;;
+  second)
+    DEFAULT_STAGES="build validate tests bench_ops bench_assignment bench_attention bench_step charts"
+    DEFAULT_VARIANTS=ref_compile,fast_compile,ref_fp32 ;;
+  all)
+    DEFAULT_STAGES="wheels build validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
+    # the cheap, decisive variants first; the compile variants (long compile times) last
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_all,ref_fp32,ref_compile,fast_compile ;;
+  *) echo "PROFILE must be first, second or all"; exit 2 ;;
+esac
+STAGES=${STAGES:-$DEFAULT_STAGES}
+STEP_VARIANTS=${STEP_VARIANTS:-$DEFAULT_VARIANTS}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY=()
 
@@ -50,6 +66,11 @@ stage validate 120 $PY -m detr_fast validate --device cuda
 # pytest-xdist (when present) isolates a crashing test in its worker; the others still report
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE $XDIST tests
+# the CUDA tests of what has never run on a GPU: bias_act and LayerNorm kernels, CUDA graphs (GraphedStep, the
+# engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check
+stage tests_new 180 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST tests/test_bias_act.py \
+  tests/test_layernorm.py tests/test_graphs.py tests/test_engine.py tests/test_dali.py tests/test_dali_engine.py \
+  tests/test_data.py tests/test_fast_path.py
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end"}
 stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act \
@@ -75,6 +96,9 @@ fi
 echo
 echo "=== summary ($(head -n1 "$OUT/env.txt"))"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
+for f in tests tests_new; do
+  [ -f "$OUT/$f.log" ] && { echo "--- $f"; grep -E '(passed|failed|error)' "$OUT/$f.log" | tail -n 12; }
+done
 for f in bench_ops bench_assignment bench_attention bench_step bench_data; do
   [ -f "$OUT/$f.log" ] && { echo "--- $f"; grep -E '\|' "$OUT/$f.log" | tail -n 40; }
 done
