@@ -175,7 +175,7 @@ def test_dropout_mask_follows_documented_stream(device):
         sub = offset + bh
         for i in range(Lq):
             for j in range(Lk):
-                words = philox4x32_10((j >> 1, ((i >> 4) << 3) | (i & 7), sub & 0xFFFFFFFF, sub >> 32),
+                words = philox4x32_10((j >> 1, 0x40000000 | ((i >> 4) << 3) | (i & 7), sub & 0xFFFFFFFF, sub >> 32),
                                        (seed & 0xFFFFFFFF, seed >> 32))
                 w = words[(j & 1) | (((i >> 3) & 1) << 1)]
                 assert bool(keep.view(B * H, Lq, Lk)[bh, i, j]) == (w >= thr), (bh, i, j)

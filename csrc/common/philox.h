@@ -50,16 +50,20 @@ DF_HD U32x4 philox4x32_10(U32x4 c, uint32_t k0, uint32_t k1) {
 // ---- Attention dropout stream ----------------------------------------------------------------------------------
 // Element (bh, i, j) of the [B*H, Lq, Lk] attention matrix takes one 32-bit word of one Philox block:
 //   key     = (seed low, seed high)
-//   counter = (j >> 1, ((i >> 4) << 3) | (i & 7), low(offset + bh), high(offset + bh))
+//   counter = (j >> 1, ATTN_COUNTER_Y | ((i >> 4) << 3) | (i & 7), low(offset + bh), high(offset + bh))
 //   word    = (j & 1) | (((i >> 3) & 1) << 1)
 // so one block covers queries (i, i + 8) x keys (j, j + 1) for i with bit 3 clear and even j: exactly the four
 // accumulator elements one thread owns in a 16x8 tensor-core tile, so the CUDA forward makes one Philox call per
 // four scores. A call reserves offsets [offset, offset + B*H) (rounded up to 4), so successive calls never
 // share a counter. The element is kept when word >= threshold, threshold = dropout_threshold(p).
+// ATTN_COUNTER_Y (bit 30) keeps these counters apart from those of torch's own random kernels on the same
+// generator, whose second counter word is the high word of a Philox offset (0 in any real run), and, with bit 31
+// clear, from the LayerNorm stream's (layernorm_math.h). Lq < 2^31 keeps the row bits below bit 30.
+constexpr uint32_t ATTN_COUNTER_Y = 0x40000000u;
 
 DF_HD U32x4 attn_dropout_block(uint64_t seed, uint64_t offset, uint64_t bh, int64_t i, int64_t j) {
   const uint64_t sub = offset + bh;
-  const U32x4 ctr{static_cast<uint32_t>(j >> 1), static_cast<uint32_t>(((i >> 4) << 3) | (i & 7)),
+  const U32x4 ctr{static_cast<uint32_t>(j >> 1), ATTN_COUNTER_Y | static_cast<uint32_t>(((i >> 4) << 3) | (i & 7)),
                   static_cast<uint32_t>(sub), static_cast<uint32_t>(sub >> 32)};
   return philox4x32_10(ctr, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }

@@ -48,7 +48,8 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None 
     x [N, C, ...] float; bias [C] float (x's dtype or float32); residual like x or None.
     """
     if not _HAS_KERNEL.get(x.device.type, False):
-        _warn_once(f"no bias_act kernel built for device {x.device.type}")
+        if x.device.type in ("cpu", "cuda"):  # meta tensors (shape tracing, FLOP counts) take the reference quietly
+            _warn_once(f"no bias_act kernel built for device {x.device.type}")
         return reference.bias_act(x, bias, residual, relu)
     return torch.ops.detr_fast.bias_act(x, bias, residual, bool(relu))
 
