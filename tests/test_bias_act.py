@@ -235,3 +235,20 @@ def test_registry_cases(device):
         for dtype in case.dtypes:
             r = run_case(case, device, dtype, seed=300 + i)
             assert r.passed, r
+
+
+def test_reference_fallback_warns_once_and_meta_quietly():
+    """The ops' shared fallback warning is given once per (op, reason); meta tensors (shape tracing) run the
+    reference without one."""
+    import warnings
+
+    from detr_fast.ops._ext import warn_fallback
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            warn_fallback("bias_act", "a reason only this test gives")
+        out = bias_act(torch.empty(2, 4, 3, 3, device="meta"), torch.empty(4, device="meta"))
+    assert [str(w.message) for w in caught] == [
+        "detr_fast.ops.bias_act: a reason only this test gives; running reference.bias_act"]
+    assert out.shape == (2, 4, 3, 3) and out.device.type == "meta"

@@ -7,13 +7,7 @@
 #pragma once
 #include <cstdint>
 
-#ifndef DF_HD
-#ifdef __CUDACC__
-#define DF_HD __host__ __device__ __forceinline__
-#else
-#define DF_HD inline
-#endif
-#endif
+#include "common/hd.h"
 
 namespace detr_fast {
 

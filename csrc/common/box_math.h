@@ -20,11 +20,7 @@
 #include <cstdint>
 #include <limits>
 
-#ifdef __CUDACC__
-#define DF_HD __host__ __device__ __forceinline__
-#else
-#define DF_HD inline
-#endif
+#include "common/hd.h"
 
 namespace detr_fast {
 namespace box {

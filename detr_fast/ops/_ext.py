@@ -33,6 +33,17 @@ def has_kernel(op: str, device_type: str) -> bool:
         return False
 
 
+_warned: set = set()
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that `op` runs its reference implementation; called from the op's Python wrapper,
+    so the warning points at the wrapper's caller."""
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"detr_fast.ops.{op}: {reason}; running reference.{op}", stacklevel=3)
+
+
 def backends() -> dict[str, list[str]]:
     """{op: [backends]} where backends are among 'cpu', 'cuda' (compiled kernels) and 'reference' (always)."""
     return {op: [d for d in ("cpu", "cuda") if has_kernel(op, d)] + ["reference"] for op in OPS}

@@ -24,23 +24,15 @@ the unrounded fp32 output, for fp16/bf16 inputs so that rowsum(grad_out * out) c
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
 from detr_fast.ops import reference
-from detr_fast.ops._ext import extension_loaded, has_kernel
+from detr_fast.ops._ext import extension_loaded, has_kernel, warn_fallback
 
 CUDA_HEAD_DIMS = (32, 64)
 
 _HAS_KERNEL = {dev: has_kernel("attention", dev) for dev in ("cpu", "cuda")}
-_warned: set = set()
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"detr_fast.ops.attention: {reason}; running reference.attention", stacklevel=3)
 
 
 def _fallback_reason(q: torch.Tensor) -> str | None:
@@ -75,7 +67,7 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
         q, k, v = _autocast(q, k, v)
     reason = _fallback_reason(q) if q.dim() == 4 else None
     if reason is not None:
-        _warn_once(reason)
+        warn_fallback("attention", reason)
         return reference.attention(q, k, v, key_padding_mask, dropout_p)
     return torch.ops.detr_fast.attention(q, k, v, key_padding_mask, float(dropout_p))[0]
 

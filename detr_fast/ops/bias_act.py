@@ -24,21 +24,13 @@ Backends: the CUDA kernel, the C++ CPU kernel, and reference.bias_act when the e
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 
 from detr_fast.ops import reference
-from detr_fast.ops._ext import extension_loaded, has_kernel
+from detr_fast.ops._ext import extension_loaded, has_kernel, warn_fallback
 
 _HAS_KERNEL = {dev: has_kernel("bias_act", dev) for dev in ("cpu", "cuda")}
-_warned: set = set()
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"detr_fast.ops.bias_act: {reason}; running reference.bias_act", stacklevel=3)
 
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
@@ -49,7 +41,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None 
     """
     if not _HAS_KERNEL.get(x.device.type, False):
         if x.device.type in ("cpu", "cuda"):  # meta tensors (shape tracing, FLOP counts) take the reference quietly
-            _warn_once(f"no bias_act kernel built for device {x.device.type}")
+            warn_fallback("bias_act", f"no bias_act kernel built for device {x.device.type}")
         return reference.bias_act(x, bias, residual, relu)
     return torch.ops.detr_fast.bias_act(x, bias, residual, bool(relu))
 

@@ -26,26 +26,16 @@ Backends: the CUDA kernel (d <= 8192; a warp per row up to d = 1024, a block per
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
 from detr_fast.ops import reference
-from detr_fast.ops._ext import extension_loaded, has_kernel
+from detr_fast.ops._ext import extension_loaded, has_kernel, warn_fallback
 
 CUDA_MAX_D = 8192
 
 _HAS_KERNEL = {dev: has_kernel("add_dropout_layernorm", dev) for dev in ("cpu", "cuda")}
-_warned: set = set()
-
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _warn_once(reason: str) -> None:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"detr_fast.ops.add_dropout_layernorm: {reason}; running reference.add_dropout_layernorm",
-                      stacklevel=3)
 
 
 def _fallback_reason(x: torch.Tensor) -> str | None:
@@ -78,7 +68,7 @@ def add_dropout_layernorm(x, residual, weight, bias, p: float = 0.0, training: b
     p_eff = p if training else 0.0
     reason = _fallback_reason(x)
     if reason is not None:
-        _warn_once(reason)
+        warn_fallback("add_dropout_layernorm", reason)
         return reference.add_dropout_layernorm(x, residual, weight, bias, p_eff, p_eff > 0, eps)
     return torch.ops.detr_fast.add_dropout_layernorm(x, residual, weight, bias, p_eff, float(eps))[0]
 
