@@ -22,13 +22,13 @@ export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 PY=${PYTHON:-python3}
 case "${PROFILE:-all}" in
   first)
-    DEFAULT_STAGES="wheels build tests_new bench_step bench_data charts"
+    DEFAULT_STAGES="wheels build dali_check tests_new bench_step bench_data charts"
     DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_all,fast_bias,fast_norm ;;
   second)
     DEFAULT_STAGES="build validate tests bench_ops bench_assignment bench_attention bench_step charts"
     DEFAULT_VARIANTS=ref_compile,fast_compile,ref_fp32 ;;
   all)
-    DEFAULT_STAGES="wheels build validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
+    DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
     DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_all,ref_fp32,ref_compile,fast_compile ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;
@@ -66,6 +66,10 @@ stage validate 120 $PY -m detr_fast validate --device cuda
 # pytest-xdist (when present) isolates a crashing test in its worker; the others still report
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
 stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE $XDIST tests
+# the DALI mixed path against its CPU path, image by image, plus the on-device extent check and the old race count
+if $PY -c "import nvidia.dali" 2>/dev/null; then
+  stage dali_check 120 $PY benchmarks/dali_gpu_check.py
+fi
 # the CUDA tests of what has never run on a GPU: bias_act and LayerNorm kernels, CUDA graphs (GraphedStep, the
 # engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check
 stage tests_new 180 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST tests/test_bias_act.py \
@@ -96,6 +100,7 @@ fi
 echo
 echo "=== summary ($(head -n1 "$OUT/env.txt"))"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
+[ -f "$OUT/dali_check.log" ] && { echo "--- dali_check"; grep -E '^(val|pin|random|extent|race|exif|CPU_VS)' "$OUT/dali_check.log"; }
 for f in tests tests_new; do
   [ -f "$OUT/$f.log" ] && { echo "--- $f"; grep -E '(passed|failed|error)' "$OUT/$f.log" | tail -n 12; }
 done

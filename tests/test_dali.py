@@ -265,6 +265,35 @@ def test_val_matches_torch(color_root, device):
                                                 for a in ds.coco.imgToAnns[6])
 
 
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_exif_orientation_ignored_as_the_torch_pipeline_does(tmp_path, device):
+    """A JPEG tagged with EXIF orientation 6 (rotate 90 degrees): both pipelines use the stored pixel grid, in which
+    COCO's boxes are drawn; same size, original size and boxes as the torch pipeline, and the same pixels."""
+    root = tmp_path / "exif"
+    write_color_set(root, n=2)
+    doc = json.loads((root / "annotations" / "instances_val.json").read_text())
+    name = doc["images"][1]["file_name"]  # 160 x 120 landscape
+    arr = np.asarray(Image.open(root / "val" / name).convert("RGB"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(root / "val" / name, quality=95, subsampling=0, exif=exif.tobytes())
+    cfg = color_cfg(root)
+    ds = build_dataset(cfg, "val")
+    ref = {}
+    for i in range(len(ds)):
+        img, t = ds[i]
+        ref[t["image_id"]] = (img, t)
+    got = dali_items(DaliLoader(cfg, "val", ds, seed=0, device_id=device_id(device)))
+    assert sorted(got) == sorted(ref) == [1, 2]
+    img, boxes, labels, size, orig = got[2]
+    rimg, rt = ref[2]
+    assert orig == tuple(rt["orig_size"]) == (120, 160)
+    assert size == rt["size"] == tuple(img.shape[1:])
+    assert labels.tolist() == rt["labels"].tolist()
+    torch.testing.assert_close(to_xyxy(boxes, *size), to_xyxy(rt["boxes"], *size), atol=1.0, rtol=0)
+    assert (T_denorm(img) - T_denorm(rimg)).abs().mean() < 3.0
+
+
 @pytest.mark.needs_cuda
 def test_gpu_batches_without_host_sync(color_root):
     """Turning DALI's output into a Batch (copies, targets, mask) issues no synchronizing CUDA call."""
@@ -416,3 +445,15 @@ def test_build_loader_pipeline_choice(color_root, monkeypatch):
     monkeypatch.setattr(data, "dali_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs NVIDIA DALI"):
         build_loader(cfg, "train")
+
+
+def test_gpu_check_script_runs_cpu_against_cpu():
+    """benchmarks/dali_gpu_check.py (the GPU session's DALI diagnosis) runs; without a GPU it compares the CPU
+    pipeline with itself, so every check must pass."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "dali_gpu_check.py"
+    r = subprocess.run([sys.executable, str(script), "--mixed", "none"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "CPU_VS_MIXED OK" in r.stdout and "extent: OK" in r.stdout and "= torch" in r.stdout

@@ -196,9 +196,12 @@ def build_pipeline(data_cfg, img_dir, ann_file, files: list[str], *, train: bool
             image_ids=True, avoid_class_remapping=True, include_iscrowd=False, skip_empty=False,
             size_threshold=1e-6, shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, name="reader",
             **order)
-        shape = fn.peek_image_shape(encoded)  # [H, W, C] int64, from the header
+        # adjust_orientation=False on the shape and the decoder: the stored pixel grid, as PIL gives it to the torch
+        # pipeline and as COCO's boxes are drawn (an EXIF-rotated decode would put the boxes in another frame)
+        shape = fn.peek_image_shape(encoded, adjust_orientation=False)  # [H, W, C] int64, from the header
         args, meta = fn.python_function(shape, function=params, batch_processing=True, num_outputs=2)
-        images = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB)
+        images = fn.decoders.image(encoded, device="mixed" if mixed else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False)
         images = fn.resize(images, size=args[0:2], roi_start=args[2:4], roi_end=args[4:6], roi_relative=False,
                            interp_type=types.INTERP_LINEAR, antialias=True)
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
