@@ -360,9 +360,15 @@ class DaliLoader:
         if self._pipe is None or self._pos != 0 or self._pipe_epoch != epoch:
             self._build(epoch)
         b = self.batch_size
+        # GPU pipelines return their outputs bound to torch's current stream (the dynamic executor's asynchronous
+        # outputs): the copies into torch tensors queue behind DALI's work without the host waiting for it.
+        # DETR_FAST_DALI_SYNC_OUTPUTS=1 asks for host-synchronous outputs instead (DALI's default; for comparison).
+        async_out = os.environ.get("DETR_FAST_DALI_SYNC_OUTPUTS", "0") != "1"
+        stream = torch.cuda.current_stream(self.device) \
+            if async_out and self.device.type == "cuda" and self._pipe.exec_dynamic else None
         for i in range(self.iters):
             try:
-                outs = self._pipe.run()
+                outs = self._pipe.run(stream) if stream is not None else self._pipe.run()
             except RuntimeError as exc:
                 self._pipe = None
                 raise RuntimeError(f"DALI pipeline failed ({self.split}): {exc}\nA file that passed the start/end "
