@@ -323,3 +323,34 @@ def test_registry_cases(device):
         for dtype in case.dtypes:
             r = run_case(case, device, dtype, seed=100 + i)
             assert r.passed, r
+
+
+def test_backward_materializes_no_zero_gradients():
+    """Only `out` is differentiable: the backward gets no zero-filled gradients for lse, rng_state and out_f32
+    (each would be a kernel launch per call in every training step)."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from detr_fast.ops.layernorm import add_dropout_layernorm_with_state
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(2, 2, 5, 32, generator=gen, dtype=torch.bfloat16).requires_grad_(True) for _ in range(3))
+    x, r = (torch.randn(6, 16, generator=gen).requires_grad_(True) for _ in range(2))
+    w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    loss = attention_with_state(q, k, v, None, 0.0)[0].float().sum() + \
+        add_dropout_layernorm_with_state(x, r, w, b, 0.1, 1e-5, seed=3)[0].sum()
+    with Count() as c:
+        loss.backward()
+    zero_fills = {n: c.ops[n] for n in ("zeros", "zeros_like", "new_zeros", "fill_", "zero_") if c.ops[n]}
+    assert not zero_fills, zero_fills
+    assert all(t.grad is not None for t in (q, k, v, x, r, w, b))

@@ -114,6 +114,10 @@ def _register() -> None:
         low = q.dtype in (torch.float16, torch.bfloat16)
         ctx.save_for_backward(q, k, v, out_f32 if low else out, lse, rng_state, key_padding_mask)
         ctx.dropout_p = dropout_p
+        # only `out` is differentiable: autograd then passes no zero-filled gradients for the others (three
+        # kernel launches per call saved in every backward)
+        ctx.mark_non_differentiable(lse, rng_state, out_f32)
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_out, grad_lse, grad_rng, grad_out_f32):
         # Only `out` is differentiable: lse, rng_state and out_f32 are auxiliary outputs for the backward.

@@ -117,6 +117,9 @@ def _register() -> None:
         _, mean, rstd, rng_state = output
         ctx.save_for_backward(x, residual, weight, mean, rstd, rng_state)
         ctx.p = p
+        # only `out` is differentiable: autograd then passes no zero-filled gradients for the others
+        ctx.mark_non_differentiable(mean, rstd, rng_state)
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_out, grad_mean, grad_rstd, grad_rng):
         # Only `out` is differentiable: mean, rstd and rng_state are saved for the backward.
