@@ -68,8 +68,11 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: dict) -> dict:
         aux = outputs.get("aux_outputs", [])
-        logits = torch.stack([a["pred_logits"] for a in aux] + [outputs["pred_logits"]])  # [L, B, Q, C+1]
-        boxes = torch.stack([a["pred_boxes"] for a in aux] + [outputs["pred_boxes"]])  # [L, B, Q, 4]
+        if "all_logits" in outputs and outputs["all_logits"].shape[0] == len(aux) + 1:  # DETR's stacked layers
+            logits, boxes = outputs["all_logits"], outputs["all_boxes"]
+        else:
+            logits = torch.stack([a["pred_logits"] for a in aux] + [outputs["pred_logits"]])  # [L, B, Q, C+1]
+            boxes = torch.stack([a["pred_boxes"] for a in aux] + [outputs["pred_boxes"]])  # [L, B, Q, 4]
         L, B, Q, _ = logits.shape
         assignment = self.matcher(logits.detach(), boxes.detach(), targets)  # [L, B, Q]
         matched = assignment >= 0  # [L, B, Q]

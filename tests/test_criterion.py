@@ -112,3 +112,33 @@ def test_gradients_flow_and_build_from_config():
     total.backward()
     assert torch.isfinite(logits.grad).all() and torch.isfinite(pred.grad).all()
     assert pred.grad.abs().sum() > 0
+
+
+def test_stacked_layer_outputs_give_the_same_losses_and_gradients():
+    """DETR's all_logits / all_boxes (every decoder layer stacked) stand for pred_* + aux_outputs: the same losses
+    and gradients as stacking the per-layer entries; a stack that does not match the layers is not used."""
+    crit = _criterion(num_classes=3)
+    g = torch.Generator().manual_seed(5)
+    L, B, Q = 3, 2, 6
+    _, _, tg = _random_problem(g, B, Q, 3, 3)
+    logits0 = torch.randn(L, B, Q, 4, generator=g)
+    boxes0 = torch.cat((torch.rand(L, B, Q, 2, generator=g) * 0.8 + 0.1,
+                        torch.rand(L, B, Q, 2, generator=g) * 0.3 + 0.02), -1)
+
+    def run(stacked: bool):
+        logits, boxes = logits0.clone().requires_grad_(True), boxes0.clone().requires_grad_(True)
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+               "aux_outputs": [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(L - 1)]}
+        if stacked:
+            out["all_logits"], out["all_boxes"] = logits, boxes
+        losses = crit(out, tg)
+        sum(losses.values()).backward()
+        return {k: float(v.detach()) for k, v in losses.items()}, logits.grad, boxes.grad
+
+    a, b = run(False), run(True)
+    assert a[0] == b[0]
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    # a stack with another number of layers than pred_* + aux_outputs is ignored
+    out = {"pred_logits": logits0[-1], "pred_boxes": boxes0[-1], "aux_outputs": [],
+           "all_logits": logits0, "all_boxes": boxes0}
+    assert set(crit(out, tg)) == {"loss_ce", "loss_bbox", "loss_giou"}

@@ -44,7 +44,8 @@ class DETR(nn.Module):
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
         """images [B, 3, H, W] float, mask [B, H, W] bool (True = padding) ->
         {pred_logits [B, Q, C+1], pred_boxes [B, Q, 4] (cxcywh in [0, 1] of the unpadded image),
-         aux_outputs: [{pred_logits, pred_boxes}] for decoder layers 0..L-2}."""
+         aux_outputs: [{pred_logits, pred_boxes}] for decoder layers 0..L-2, all_logits [L, B, Q, C+1] and
+         all_boxes [L, B, Q, 4]: every decoder layer's, the last one last (aux_outputs and all_* with aux_loss)}."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         feat, m, pos = self.backbone(images, mask)
@@ -54,6 +55,10 @@ class DETR(nn.Module):
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+            # every layer at once, for a criterion that scores the layers together (SetCriterion does): the
+            # per-layer views above then take no part in the loss, and their backward (a zero-filled [L, ...]
+            # gradient and a copy per view, then a sum) does not run
+            out["all_logits"], out["all_boxes"] = logits, boxes
         return out
 
 
