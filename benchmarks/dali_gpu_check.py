@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 warnings.simplefilter("ignore", RuntimeWarning)
 
-from test_dali import PINS, T_denorm, color_cfg, write_color_set  # noqa: E402
+from test_dali import PINS, T_denorm, add_items, color_cfg, write_color_set  # noqa: E402
 
 from detr_fast.data import build_dataset  # noqa: E402
 from detr_fast.data.dali import DaliLoader, padding_mask  # noqa: E402
@@ -51,11 +51,7 @@ def items(loader, extent_fails, race=None):
         b = batch.to("cpu")
         if not bool(on_dev):
             extent_fails.append([int(i) for i in b.image_ids])
-        for i in range(len(b)):
-            h, w = b.sizes[i].tolist()
-            n = int(b.targets["num_targets"][i])
-            out[int(b.image_ids[i])] = (b.images[i, :, :h, :w], b.targets["boxes"][i, :n], b.targets["labels"][i, :n],
-                                        (h, w), tuple(b.orig_sizes[i].tolist()))
+        add_items(b, out)
     return out
 
 

@@ -82,18 +82,32 @@ def color_root(tmp_path_factory):
     return root
 
 
+def add_items(b: Batch, out: dict) -> None:
+    """Add a CPU batch's images to out: {image_id: (image [3, h, w], boxes [n, 4] cxcywh, labels [n], size (h, w),
+    orig (h, w))}."""
+    for i in range(len(b)):
+        h, w = b.sizes[i].tolist()
+        n = int(b.targets["num_targets"][i])
+        out[int(b.image_ids[i])] = (b.images[i, :, :h, :w], b.targets["boxes"][i, :n], b.targets["labels"][i, :n],
+                                    (h, w), tuple(b.orig_sizes[i].tolist()))
+
+
 def dali_items(loader):
     """{image_id: (image [3, h, w] cpu, boxes [n, 4] cxcywh, labels [n], size (h, w), orig (h, w))}"""
     out = {}
     for batch in loader:
         assert isinstance(batch, Batch)
-        b = batch.to("cpu")  # complete on return (Batch.to waits for device -> host copies); read it at once
-        for i in range(len(b)):
-            h, w = b.sizes[i].tolist()
-            n = int(b.targets["num_targets"][i])
-            out[int(b.image_ids[i])] = (b.images[i, :, :h, :w], b.targets["boxes"][i, :n], b.targets["labels"][i, :n],
-                                        (h, w), tuple(b.orig_sizes[i].tolist()))
+        add_items(batch.to("cpu"), out)  # complete on return (Batch.to waits for device -> host copies)
     return out
+
+
+def torch_items(ds):
+    """{image_id: (image, target)} of the torch dataset."""
+    ref = {}
+    for i in range(len(ds)):
+        img, t = ds[i]
+        ref[t["image_id"]] = (img, t)
+    return ref
 
 
 def to_xyxy(boxes, h, w):
@@ -246,10 +260,7 @@ def T_denorm(img):
 def test_val_matches_torch(color_root, device):
     cfg = color_cfg(color_root)
     ds = build_dataset(cfg, "val")
-    ref = {}
-    for i in range(len(ds)):
-        img, t = ds[i]
-        ref[t["image_id"]] = (img, t)
+    ref = torch_items(ds)
     loader = DaliLoader(cfg, "val", ds, seed=0, device_id=device_id(device))
     got = dali_items(loader)
     assert sorted(got) == sorted(ref)
@@ -279,10 +290,7 @@ def test_exif_orientation_ignored_as_the_torch_pipeline_does(tmp_path, device):
     Image.fromarray(arr).save(root / "val" / name, quality=95, subsampling=0, exif=exif.tobytes())
     cfg = color_cfg(root)
     ds = build_dataset(cfg, "val")
-    ref = {}
-    for i in range(len(ds)):
-        img, t = ds[i]
-        ref[t["image_id"]] = (img, t)
+    ref = torch_items(ds)
     got = dali_items(DaliLoader(cfg, "val", ds, seed=0, device_id=device_id(device)))
     assert sorted(got) == sorted(ref) == [1, 2]
     img, boxes, labels, size, orig = got[2]
