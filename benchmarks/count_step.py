@@ -66,9 +66,8 @@ def bias_relu_traffic(batch: int, height: int, width: int, backbone: str, elem_b
         inner = [block.conv1] + ([block.conv2] if isinstance(block, Bottleneck) else [])
         for conv in inner:  # each followed by bias + ReLU
             s = conv.stride[0]
-            hh, ww = (h + s - 1) // s if s > 1 else h, (w + s - 1) // s if s > 1 else w
-            add(4, 2, n * conv.weight.shape[0] * hh * ww, 2, 1)
-            h, w = hh, ww
+            h, w = (h + s - 1) // s, (w + s - 1) // s  # 3x3 / padding 1 or 1x1: ceil(size / stride)
+            add(4, 2, n * conv.weight.shape[0] * h * w, 2, 1)
         ds = block.downsample is not None
         add(7 + 2 * ds, 3, output.numel(), 3 + ds, 1)
 

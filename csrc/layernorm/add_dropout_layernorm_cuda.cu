@@ -82,6 +82,15 @@ struct BwdParams {
   const int64_t* rng_in;
 };
 
+// The dropout fields the forward and backward parameters share: keep scale 1 / (1 - p) and the Philox threshold.
+template <class Params>
+void set_dropout(Params& prm, double p) {
+  prm.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  prm.keep_scale64 = 1.0 / (1.0 - p);
+  prm.threshold = dropout_threshold(p);
+  prm.dropout = p > 0.0;
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t shfl_xor(acc_t v, int m) {
   return __shfl_xor_sync(0xffffffffu, v, m);
@@ -506,10 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   prm.rows = rows;
   prm.d = d;
   prm.eps = eps;
-  prm.keep_scale = static_cast<float>(1.0 / (1.0 - p));
-  prm.keep_scale64 = 1.0 / (1.0 - p);
-  prm.threshold = dropout_threshold(p);
-  prm.dropout = p > 0.0;
+  set_dropout(prm, p);
   const size_t vbytes = 4 * x.element_size();
   prm.vec = d % 4 == 0 && aligned(prm.x, vbytes) && aligned(prm.r, vbytes) && aligned(prm.out, vbytes);
   prm.philox = philox;
@@ -559,10 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   prm.dr = dr.data_ptr();
   prm.rows = rows;
   prm.d = d;
-  prm.keep_scale = static_cast<float>(1.0 / (1.0 - p));
-  prm.keep_scale64 = 1.0 / (1.0 - p);
-  prm.threshold = dropout_threshold(p);
-  prm.dropout = p > 0.0;
+  set_dropout(prm, p);
   prm.rng_in = rng.const_data_ptr<int64_t>();
   const size_t vbytes = 4 * x.element_size();
   prm.vec = d % 4 == 0 && aligned(prm.g, vbytes) && aligned(prm.x, vbytes) && aligned(prm.r, vbytes) &&
