@@ -40,6 +40,9 @@ class ModelConfig:
     # folded ResNet trunk: each conv's bias, the ReLUs and the residual adds as fused bias_act calls (same parameters;
     # needs fold_bn, frozen_bn and a resnet backbone)
     fused_bias_act: bool = False
+    # under autocast: the transformer's and heads' matrix weights cast in one kernel per forward and their gradients
+    # in one per backward, instead of one per weight and use (bit-identical)
+    flat_cast: bool = False
 
 
 @dataclass

@@ -44,8 +44,8 @@ def test_fast_path_equals_reference_path_in_fp32(extra):
         torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("extra", [(), ("model.fused_norm=true", "model.fused_bias_act=true")],
-                         ids=["plain", "fused_both"])
+@pytest.mark.parametrize("extra", [(), ("model.fused_norm=true", "model.fused_bias_act=true", "model.flat_cast=true")],
+                         ids=["plain", "fused_all"])
 def test_fast_path_in_bf16_equals_reference_to_rounding(extra):
     """The fast step as it runs (bf16 autocast, our kernels, folded and fused trunk): its loss differs from the fp32
     reference's by at most twice what the reference itself moves under bf16 autocast (the low-precision rule of
@@ -80,11 +80,11 @@ class _NoHostReads(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(variant, batch, extra=()):
+def _step(variant, batch, extra=(), amp=False):
     torch.manual_seed(0)
     cfg, model, criterion = build(OVER + list(extra), variant, "cpu")
     images, mask, targets = batch
-    with _NoHostReads():
+    with _NoHostReads(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         out = model(images, mask)
         losses = criterion(out, targets)
         total = sum(losses[k] * criterion.weight_dict[k] for k in losses)
@@ -97,6 +97,7 @@ def test_fast_step_reads_nothing_back_to_the_host():
     _step("fast_fp32", batch)  # our kernels: no host read anywhere in forward, loss, backward, clipping
     _step("fast_fp32", batch, ("model.fused_norm=true", "model.dropout=0.1"))  # fused norm, dropout drawn too
     _step("fast_fp32", batch, ("model.fused_bias_act=true",))  # fused trunk, its cached folded BatchNorm
+    _step("fast", batch, ("model.flat_cast=true",), amp=True)  # bf16 autocast with the one-pass weight cast
     # the detector does catch the reference path's matcher (scipy on host copies)
     with pytest.raises(AssertionError, match="host"):
         _step("ref_fp32", batch)

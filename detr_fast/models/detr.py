@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
+from detr_fast.models.cast import cast_targets, flat_cast
 from detr_fast.models.fold import fold_frozen_bn, fuse_bias_act
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
@@ -40,6 +41,14 @@ class DETR(nn.Module):
         self.input_proj = nn.Conv2d(backbone.num_channels, d, kernel_size=1)
         self.backbone = backbone
         self.channels_last = False
+        self.flat_cast_targets = []  # (module, name) pairs cast in one pass under autocast (model.flat_cast)
+
+    def use_flat_cast(self, on: bool = True) -> None:
+        """model.flat_cast: under autocast, the transformer's, input projection's and heads' matrix weights are cast
+        in one kernel per forward (and their gradients in one per backward) instead of one per weight and use;
+        bit-identical results (detr_fast.models.cast)."""
+        self.flat_cast_targets = cast_targets(
+            [self.input_proj, self.transformer, self.class_embed, self.bbox_embed]) if on else []
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
         """images [B, 3, H, W] float, mask [B, H, W] bool (True = padding) ->
@@ -49,9 +58,10 @@ class DETR(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         feat, m, pos = self.backbone(images, mask)
-        hs = self.transformer(self.input_proj(feat), m, self.query_embed.weight, pos)  # [L, B, Q, d]
-        logits = self.class_embed(hs)  # [L, B, Q, C+1]
-        boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
+        with flat_cast(self.flat_cast_targets):
+            hs = self.transformer(self.input_proj(feat), m, self.query_embed.weight, pos)  # [L, B, Q, d]
+            logits = self.class_embed(hs)  # [L, B, Q, C+1]
+            boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
@@ -76,6 +86,8 @@ def build_detr(cfg) -> DETR:
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
                               attn_impl=m.attention, fused_norm=m.fused_norm)
     model = DETR(joiner, transformer, m.num_classes, m.num_queries, aux_loss=m.aux_loss)
+    if m.flat_cast:
+        model.use_flat_cast()
     if m.channels_last:
         model.channels_last = True
         model.backbone.to(memory_format=torch.channels_last)

@@ -1,0 +1,98 @@
+"""model.flat_cast: the transformer's and the heads' matrix weights cast to autocast's dtype in one pass per step.
+
+Under bf16 (or fp16) autocast every F.linear and convolution casts its fp32 weight and bias on each call: one small
+cast kernel per weight, bias and in_proj chunk in the forward (about 200 in DETR) and one per gradient in the backward
+(as many again). With flat_cast, DETR concatenates those parameters once per forward, casts them in one kernel and
+lends each module its slice for the duration of the forward; the backward concatenates the low-precision gradients
+and casts them back in one kernel. The values are the ones autocast computes: every weight rounded to nearest on its
+own, every gradient converted back element by element, and a gradient summed over several uses of one parameter
+summed in the low precision, as autocast's weight cache does. Outputs and gradients are therefore bit-identical to
+plain autocast (tests/test_flat_cast.py). Without autocast, for parameters that are not float32, or while
+torch.compile traces (Inductor fuses the casts itself), nothing changes.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class _FlatCast(torch.autograd.Function):
+    """(dtype, *params) -> the params cast to dtype, as views of one buffer; backward: one concatenation and one
+    cast of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        ctx.shapes = [p.shape for p in params]
+        ctx.numels = [p.numel() for p in params]
+        ctx.param_dtype = params[0].dtype
+        flat = torch.cat([_flat(p) for p in params]).to(dtype)
+        return _unflatten(flat, ctx.numels, ctx.shapes)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([_flat(g) for g in grads]).to(ctx.param_dtype)
+        return (None, *_unflatten(flat, ctx.numels, ctx.shapes))
+
+
+# 1-D tensors (biases) are used as they are: each view is a dispatch of its own, and host time is what this saves
+def _flat(t):
+    return t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1)
+
+
+def _unflatten(flat, numels, shapes):
+    return tuple(v if len(s) == 1 else v.view(s) for v, s in zip(flat.split(numels), shapes))
+
+
+def cast_targets(modules) -> list[tuple[nn.Module, str]]:
+    """The (module, parameter name) pairs whose parameters autocast casts to its low precision on every use: the
+    weights and biases of nn.Linear and nn.Conv*d, and a MultiheadAttention's in_proj_weight / in_proj_bias (any
+    module with those attributes). LayerNorm parameters and embeddings are left alone (autocast runs LayerNorm in
+    fp32 and the query embedding is added in fp32)."""
+    found, seen = [], set()
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                names = ("weight", "bias")
+            elif hasattr(m, "in_proj_weight"):
+                names = ("in_proj_weight", "in_proj_bias")
+            else:
+                continue
+            for name in names:
+                p = m._parameters.get(name)
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    found.append((m, name))
+    return found
+
+
+def _autocast_dtype(device_type: str):
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+@contextmanager
+def flat_cast(targets: list[tuple[nn.Module, str]]):
+    """Within the block, each target parameter is replaced on its module by its autocast-dtype copy, all made by one
+    cast (and their gradients returned by one). A no-op when autocast is off for the parameters' device, when the
+    parameters are not all float32 on one device, or while torch.compile traces. The parameters are restored on
+    exit, also when the block raises."""
+    params = [m._parameters[name] for m, name in targets]
+    dtype = None
+    if params and not torch.compiler.is_compiling():
+        dev = params[0].device
+        if all(p.dtype == torch.float32 and p.device == dev for p in params):
+            dtype = _autocast_dtype(dev.type)
+    if dtype is None or dtype == torch.float32:
+        yield
+        return
+    low = _FlatCast.apply(dtype, *params)
+    try:
+        for (m, name), t in zip(targets, low):
+            m._parameters[name] = t
+        yield
+    finally:
+        for (m, name), p in zip(targets, params):
+            m._parameters[name] = p
