@@ -14,8 +14,9 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_graph    the fast path with the whole step captured as one CUDA graph (detr_fast.graphs.GraphedStep)
   fast_bias     the fast path with model.fused_bias_act (conv bias + residual add + ReLU in one pass per block)
   fast_cast     the fast path with model.flat_cast (the transformer's weights cast to bf16 in one kernel per step)
-  fast_all      the best combination: fast_graph with model.fused_norm, model.fused_bias_act and model.flat_cast
-                (a GPU only)
+  fast_proj     the fast path with model.packed_proj (q/k in one GEMM; all cross-attention keys/values in two)
+  fast_all      the best combination: fast_graph with model.fused_norm, model.fused_bias_act, model.flat_cast and
+                model.packed_proj (a GPU only)
 The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
 torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same weights and batch (dropout off).
@@ -59,8 +60,11 @@ VARIANTS = {
                       compile=False, fused_bias_act=True),
     "fast_cast": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                       compile=False, flat_cast=True),
+    "fast_proj": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
+                      compile=False, packed_proj=True),
     "fast_all": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
-                     compile=False, fused_norm=True, fused_bias_act=True, flat_cast=True, graph=True),
+                     compile=False, fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True,
+                     graph=True),
 }
 
 
@@ -95,7 +99,7 @@ def build(cfg_overrides, variant, device):
     sets = list(cfg_overrides) + [f"model.kernels={v['kernels']}", f"model.attention={v['attention']}",
                                   f"model.fold_bn={str(v['fold_bn']).lower()}",
                                   f"model.channels_last={str(v['channels_last']).lower()}"]
-    for key in ("fused_norm", "fused_bias_act", "flat_cast"):
+    for key in ("fused_norm", "fused_bias_act", "flat_cast", "packed_proj"):
         if key in v:
             sets.append(f"model.{key}={str(v[key]).lower()}")
     cfg = load_config(None, sets)
@@ -213,7 +217,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="resnet18, batch 2, images up to 256x320 (for CPUs)")
     ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_all,ref_fp32,"
+    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,fast_all,ref_fp32,"
                                           "ref_compile,fast_compile")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

@@ -23,14 +23,14 @@ PY=${PYTHON:-python3}
 case "${PROFILE:-all}" in
   first)
     DEFAULT_STAGES="wheels build dali_check tests_new bench_step bench_data charts"
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_all,fast_bias,fast_norm,fast_cast ;;
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_all,fast_bias,fast_norm,fast_cast,fast_proj ;;
   second)
     DEFAULT_STAGES="build validate tests bench_ops bench_assignment bench_attention bench_step charts"
     DEFAULT_VARIANTS=ref_compile,fast_compile,ref_fp32 ;;
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_all,ref_fp32,ref_compile,fast_compile ;;
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,fast_all,ref_fp32,ref_compile,fast_compile ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;
 esac
 STAGES=${STAGES:-$DEFAULT_STAGES}
@@ -79,7 +79,7 @@ fi
 # engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check
 stage tests_new 180 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST tests/test_bias_act.py \
   tests/test_layernorm.py tests/test_graphs.py tests/test_engine.py tests/test_dali.py tests/test_dali_engine.py \
-  tests/test_data.py tests/test_fast_path.py
+  tests/test_data.py tests/test_fast_path.py tests/test_packed_proj.py tests/test_flat_cast.py
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end"}
 stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act \

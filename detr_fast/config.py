@@ -43,6 +43,9 @@ class ModelConfig:
     # under autocast: the transformer's and heads' matrix weights cast in one kernel per forward and their gradients
     # in one per backward, instead of one per weight and use (bit-identical)
     flat_cast: bool = False
+    # with the fused attention core: each self-attention's q and k in one matrix product, and the keys and values of
+    # all decoder layers' cross-attentions in two, up front (same parameters; equal to rounding)
+    packed_proj: bool = False
 
 
 @dataclass

@@ -26,8 +26,9 @@ def _loss_and_grads(variant, state, batch, extra=()):
 
 
 @pytest.mark.parametrize("extra", [(), ("model.fused_norm=true",), ("model.fused_bias_act=true",),
-                                   ("model.fused_norm=true", "model.fused_bias_act=true")],
-                         ids=["plain", "fused_norm", "fused_bias_act", "fused_both"])
+                                   ("model.packed_proj=true",),
+                                   ("model.fused_norm=true", "model.fused_bias_act=true", "model.packed_proj=true")],
+                         ids=["plain", "fused_norm", "fused_bias_act", "packed_proj", "fused_all"])
 def test_fast_path_equals_reference_path_in_fp32(extra):
     torch.manual_seed(0)
     _, base, _ = build(OVER, "ref_fp32", "cpu")
@@ -44,7 +45,8 @@ def test_fast_path_equals_reference_path_in_fp32(extra):
         torch.testing.assert_close(fast_grads[n], ref_grads[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
-@pytest.mark.parametrize("extra", [(), ("model.fused_norm=true", "model.fused_bias_act=true", "model.flat_cast=true")],
+@pytest.mark.parametrize("extra", [(), ("model.fused_norm=true", "model.fused_bias_act=true", "model.flat_cast=true",
+                                        "model.packed_proj=true")],
                          ids=["plain", "fused_all"])
 def test_fast_path_in_bf16_equals_reference_to_rounding(extra):
     """The fast step as it runs (bf16 autocast, our kernels, folded and fused trunk): its loss differs from the fp32
@@ -97,7 +99,8 @@ def test_fast_step_reads_nothing_back_to_the_host():
     _step("fast_fp32", batch)  # our kernels: no host read anywhere in forward, loss, backward, clipping
     _step("fast_fp32", batch, ("model.fused_norm=true", "model.dropout=0.1"))  # fused norm, dropout drawn too
     _step("fast_fp32", batch, ("model.fused_bias_act=true",))  # fused trunk, its cached folded BatchNorm
-    _step("fast", batch, ("model.flat_cast=true",), amp=True)  # bf16 autocast with the one-pass weight cast
+    # bf16 autocast with the one-pass weight cast and the packed projections
+    _step("fast", batch, ("model.flat_cast=true", "model.packed_proj=true"), amp=True)
     # the detector does catch the reference path's matcher (scipy on host copies)
     with pytest.raises(AssertionError, match="host"):
         _step("ref_fp32", batch)

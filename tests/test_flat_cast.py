@@ -31,10 +31,11 @@ class _Casts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(extra, seed, batch, amp=torch.bfloat16, count=False, grad=True):
-    """One forward + loss + backward of the fast variant under CPU autocast; dropout drawn from `seed`."""
+def _step(extra, seed, batch, amp=torch.bfloat16, count=False, grad=True, variant="fast"):
+    """One forward + loss + backward of a bench_step variant (fast: fused attention core, folded trunk; ref_fp32:
+    nn.MultiheadAttention's math, unfolded trunk) under CPU autocast; dropout drawn from `seed`."""
     torch.manual_seed(0)
-    cfg, model, criterion = build(OVER + list(extra), "fast", "cpu")
+    cfg, model, criterion = build(OVER + list(extra), variant, "cpu")
     images, mask, targets = batch
     counter = _Casts()
     torch.manual_seed(seed)
@@ -49,17 +50,18 @@ def _step(extra, seed, batch, amp=torch.bfloat16, count=False, grad=True):
     return model, out, total.detach(), grads, counter.ops
 
 
-@pytest.mark.parametrize("extra", [("model.attention=reference", "model.dropout=0.1"),
-                                   ("model.attention=fused", "model.dropout=0.1"),
-                                   ("model.attention=fused", "model.fused_norm=true", "model.dropout=0.0"),
-                                   ("model.attention=reference", "model.fused_bias_act=true", "model.dropout=0.0")],
-                         ids=["reference_attention", "fused_attention", "fused_norm", "fused_bias_act"])
-def test_flat_cast_is_bit_identical_to_autocast(extra):
+@pytest.mark.parametrize("variant,extra", [("ref_fp32", ("model.dropout=0.1",)),
+                                           ("fast", ("model.dropout=0.1",)),
+                                           ("fast", ("model.fused_norm=true", "model.dropout=0.0")),
+                                           ("fast", ("model.fused_bias_act=true", "model.packed_proj=true",
+                                                     "model.dropout=0.1"))],
+                         ids=["reference_attention", "fused_attention", "fused_norm", "fused_bias_act_packed"])
+def test_flat_cast_is_bit_identical_to_autocast(variant, extra):
     """Same weights, batch and dropout draws: every output, the loss and every gradient are equal bit for bit."""
     batch = make_batch(2, 80, 112, 7, "cpu", seed=int(torch.randint(0, 1000, ())), max_targets=6)
     seed = int(torch.randint(0, 1000, ()))
-    m1, o1, l1, g1, _ = _step(extra, seed, batch)
-    m2, o2, l2, g2, _ = _step(extra + ("model.flat_cast=true",), seed, batch)
+    m1, o1, l1, g1, _ = _step(extra, seed, batch, variant=variant)
+    m2, o2, l2, g2, _ = _step(extra + ("model.flat_cast=true",), seed, batch, variant=variant)
     assert not m1.flat_cast_targets and len(m2.flat_cast_targets) > 20
     assert torch.equal(l1, l2), (l1, l2)
     for key in ("pred_logits", "pred_boxes", "all_logits", "all_boxes"):
@@ -166,3 +168,28 @@ def test_flat_cast_targets_are_the_matrix_weights():
     assert not backbone & set(ids)
     norms = {id(p) for n, p in model.named_parameters() if "norm" in n or "query_embed" in n}
     assert not norms & set(ids)
+
+
+@pytest.mark.needs_cuda
+def test_flat_cast_on_cuda_bf16():
+    """On a GPU under bf16 autocast: the forward is bit-identical (same loss), the gradients agree (bit for bit up to
+    the order of atomics in cuDNN's weight gradients)."""
+    images, mask, targets = make_batch(2, 96, 128, 7, "cuda", seed=6, max_targets=6)
+
+    def run(flat):
+        torch.manual_seed(0)
+        _, model, criterion = build(OVER + ["model.dropout=0.1", f"model.flat_cast={str(flat).lower()}"], "fast",
+                                    "cuda")
+        torch.manual_seed(3)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(images, mask)
+            losses = criterion(out, targets)
+            total = sum(losses[k] * criterion.weight_dict[k] for k in losses)
+        total.backward()
+        return total.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    (l1, g1), (l2, g2) = run(False), run(True)
+    assert torch.equal(l1, l2), (l1, l2)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -5,7 +5,9 @@ out_proj, linear1/2, norm1/2/3, decoder.norm), so official checkpoints load unch
 either detr_fast.ops.attention ("fused") or nn.MultiheadAttention's own math ("reference"); "auto" picks the fused
 kernel for CUDA tensors and the reference for CPU tensors. With fused_norm, each post-norm step
 norm(residual + dropout(x)) is one detr_fast.ops.add_dropout_layernorm call using the LayerNorm's and the Dropout's
-own parameters.
+own parameters. With packed_proj (and the fused core), each self-attention projects q and k in one matrix product
+(query and key are the same tensor) and the decoder projects the keys and values of all its cross-attentions up
+front in two (they all read the same memory): fewer, larger GEMMs and input casts, the same parameters.
 """
 from __future__ import annotations
 
@@ -42,29 +44,66 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.in_proj_bias)
         nn.init.zeros_(self.out_proj.bias)
 
+    def fused(self, x: torch.Tensor) -> bool:
+        """Whether the fused attention core runs for tensors like x (else nn.MultiheadAttention's math)."""
+        return not (self.impl == "reference" or (self.impl == "auto" and not x.is_cuda))
+
     def forward(self, query, key, value, key_padding_mask=None):
-        if self.impl == "reference" or (self.impl == "auto" and not query.is_cuda):
+        if not self.fused(query):
             out, _ = F.multi_head_attention_forward(
                 query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), self.d_model, self.nheads,
                 self.in_proj_weight, self.in_proj_bias, None, None, False, self.dropout, self.out_proj.weight,
                 self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask, need_weights=False)
             return out.transpose(0, 1)
-        B, Lq, d = query.shape
-        Lk = key.shape[1]
-        H, hd = self.nheads, d // self.nheads
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(B, Lq, H, hd).transpose(1, 2)  # [B, H, Lq, hd]
-        k = F.linear(key, w_k, b_k).view(B, Lk, H, hd).transpose(1, 2)  # [B, H, Lk, hd]
-        v = F.linear(value, w_v, b_v).view(B, Lk, H, hd).transpose(1, 2)
+        q = self.heads(F.linear(query, w_q, b_q))  # [B, H, Lq, hd]
+        k = self.heads(F.linear(key, w_k, b_k))  # [B, H, Lk, hd]
+        v = self.heads(F.linear(value, w_v, b_v))
+        return self.attend(q, k, v, key_padding_mask)
+
+    def heads(self, x):
+        """[B, L, d] -> [B, H, L, hd] (a view)."""
+        B, L, _ = x.shape
+        return x.view(B, L, self.nheads, -1).transpose(1, 2)
+
+    def attend(self, q, k, v, key_padding_mask=None):
+        """The fused core and the output projection on projected q [B, H, Lq, hd], k/v [B, H, Lk, hd] -> [B, Lq, d]."""
+        B, _, Lq, _ = q.shape
         out = ops.attention(q, k, v, key_padding_mask, self.dropout if self.training else 0.0)  # [B, H, Lq, hd]
-        return self.out_proj(out.transpose(1, 2).reshape(B, Lq, d))
+        return self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.d_model))
+
+    def self_attention(self, x_pos, x, key_padding_mask=None):
+        """query = key = x_pos, value = x, all [B, L, d]. With the fused core, q and k come from one matrix product
+        over the stacked q/k rows of in_proj_weight (one input cast and one GEMM each way instead of two)."""
+        if not self.fused(x_pos):
+            return self.forward(x_pos, x_pos, x, key_padding_mask)
+        B, L, d = x_pos.shape
+        w_qk, w_v = self.in_proj_weight.split([2 * d, d])
+        b_qk, b_v = self.in_proj_bias.split([2 * d, d])
+        # [2, B, H, L, hd] unbound (one stack in the backward, where indexing would zero-fill a buffer per half)
+        q, k = F.linear(x_pos, w_qk, b_qk).view(B, L, 2, self.nheads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.attend(q, k, self.heads(F.linear(x, w_v, b_v)), key_padding_mask)
+
+
+def cross_keys_values(attns: list[MultiheadAttention], memory, pos):
+    """Keys and values of several cross-attentions over the same memory, in two matrix products: k = (memory + pos)
+    against every module's key rows stacked, v = memory against the value rows stacked.
+    -> ([(w_q, b_q, k, v)] per module, k/v [B, H, L, hd] views), each module's query weight and bias split from the
+    same in_proj split as its key and value rows (one gradient node per parameter)."""
+    d = attns[0].d_model
+    ws = [a.in_proj_weight.split(d) for a in attns]
+    bs = [a.in_proj_bias.split(d) for a in attns]
+    k_all = F.linear(memory + pos, torch.cat([w[1] for w in ws]), torch.cat([b[1] for b in bs]))  # [B, L, n*d]
+    v_all = F.linear(memory, torch.cat([w[2] for w in ws]), torch.cat([b[2] for b in bs]))
+    return [(w[0], b[0], a.heads(k), a.heads(v))
+            for a, w, b, k, v in zip(attns, ws, bs, k_all.split(d, -1), v_all.split(d, -1))]
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False):
+    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False, packed_proj=False):
         super().__init__()
-        self.fused_norm = fused_norm
+        self.fused_norm, self.packed_proj = fused_norm, packed_proj
         self.self_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -77,15 +116,16 @@ class EncoderLayer(nn.Module):
     def forward(self, src, mask, pos):
         """src, pos [B, L, d]; mask [B, L]."""
         q = k = src + pos
-        src = add_norm(self.norm1, self.dropout1, self.self_attn(q, k, src, mask), src, self.fused_norm)
+        attn = self.self_attn.self_attention(q, src, mask) if self.packed_proj else self.self_attn(q, k, src, mask)
+        src = add_norm(self.norm1, self.dropout1, attn, src, self.fused_norm)
         ff = self.linear2(self.dropout(F.relu(self.linear1(src))))
         return add_norm(self.norm2, self.dropout2, ff, src, self.fused_norm)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False):
+    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False, packed_proj=False):
         super().__init__()
-        self.fused_norm = fused_norm
+        self.fused_norm, self.packed_proj = fused_norm, packed_proj
         self.self_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.multihead_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -98,11 +138,18 @@ class DecoderLayer(nn.Module):
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
 
-    def forward(self, tgt, memory, memory_mask, pos, query_pos):
-        """tgt, query_pos [B, Q, d]; memory, pos [B, L, d]; memory_mask [B, L]."""
+    def forward(self, tgt, memory, memory_mask, pos, query_pos, cross=None):
+        """tgt, query_pos [B, Q, d]; memory, pos [B, L, d]; memory_mask [B, L]. cross: this layer's (w_q, b_q, k, v)
+        from cross_keys_values (packed_proj), else None."""
         q = k = tgt + query_pos
-        tgt = add_norm(self.norm1, self.dropout1, self.self_attn(q, k, tgt), tgt, self.fused_norm)
-        tgt2 = self.multihead_attn(tgt + query_pos, memory + pos, memory, memory_mask)
+        attn = self.self_attn.self_attention(q, tgt) if self.packed_proj else self.self_attn(q, k, tgt)
+        tgt = add_norm(self.norm1, self.dropout1, attn, tgt, self.fused_norm)
+        if cross is not None:
+            w_q, b_q, k, v = cross
+            mha = self.multihead_attn
+            tgt2 = mha.attend(mha.heads(F.linear(tgt + query_pos, w_q, b_q)), k, v, memory_mask)
+        else:
+            tgt2 = self.multihead_attn(tgt + query_pos, memory + pos, memory, memory_mask)
         tgt = add_norm(self.norm2, self.dropout2, tgt2, tgt, self.fused_norm)
         ff = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
         return add_norm(self.norm3, self.dropout3, ff, tgt, self.fused_norm)
@@ -126,23 +173,27 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, tgt, memory, memory_mask, pos, query_pos):
-        """-> [L, B, Q, d]: every layer's output through the shared final LayerNorm."""
+        """-> [L, B, Q, d]: every layer's output through the shared final LayerNorm. With packed_proj (and the fused
+        attention core) the keys and values of all layers' cross-attentions are projected up front, in two
+        matrix products (cross_keys_values)."""
         outs = []
-        for layer in self.layers:
-            tgt = layer(tgt, memory, memory_mask, pos, query_pos)
+        attns = [layer.multihead_attn for layer in self.layers]
+        packed = self.layers and self.layers[0].packed_proj and attns[0].fused(memory)
+        crosses = cross_keys_values(attns, memory, pos) if packed else [None] * len(self.layers)
+        for layer, cross in zip(self.layers, crosses):
+            tgt = layer(tgt, memory, memory_mask, pos, query_pos, cross)
             outs.append(self.norm(tgt))
         return torch.stack(outs)
 
 
 class Transformer(nn.Module):
     def __init__(self, d_model=256, nheads=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, attn_impl="fused", fused_norm=False):
+                 dropout=0.1, attn_impl="fused", fused_norm=False, packed_proj=False):
         super().__init__()
         self.d_model, self.nheads = d_model, nheads
-        self.encoder = Encoder([EncoderLayer(d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm)
-                                for _ in range(num_encoder_layers)])
-        self.decoder = Decoder([DecoderLayer(d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm)
-                                for _ in range(num_decoder_layers)], d_model)
+        layer_args = (d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm, packed_proj)
+        self.encoder = Encoder([EncoderLayer(*layer_args) for _ in range(num_encoder_layers)])
+        self.decoder = Decoder([DecoderLayer(*layer_args) for _ in range(num_decoder_layers)], d_model)
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
