@@ -15,11 +15,12 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_bias     the fast path with model.fused_bias_act (conv bias + residual add + ReLU in one pass per block)
   fast_cast     the fast path with model.flat_cast (the transformer's weights cast to bf16 in one kernel per step)
   fast_proj     the fast path with model.packed_proj (q/k in one GEMM; all cross-attention keys/values in two)
-  fast_all      the best combination: fast_graph with model.fused_norm, model.fused_bias_act, model.flat_cast and
-                model.packed_proj (a GPU only)
+  fast_fused    the fast path with all four: model.fused_norm, fused_bias_act, flat_cast and packed_proj (eager)
+  fast_all      the best combination: fast_fused captured as one CUDA graph (a GPU only)
 The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
 torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same weights and batch (dropout off).
+--count-ops adds the operators one eager step dispatches (all, those that launch work, casts).
 --breakdown adds each variant's time split into kernel categories (and GPU idle time); benchmarks/plot_results.py
 draws it.
 """
@@ -62,6 +63,8 @@ VARIANTS = {
                       compile=False, flat_cast=True),
     "fast_proj": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                       compile=False, packed_proj=True),
+    "fast_fused": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
+                       compile=False, fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True),
     "fast_all": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                      compile=False, fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True,
                      graph=True),
@@ -154,6 +157,35 @@ def count_syncs(fn, device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
+# operators that only make a new tensor header (no kernel, no memory traffic) besides the schema's views
+_NO_KERNEL = {"aten._unsafe_view", "aten.lift_fresh", "aten._reshape_alias", "profiler._record_function_enter_new",
+              "profiler._record_function_exit"}
+
+
+def count_ops(fn) -> dict:
+    """Operators one call of fn dispatches: {"ops": all aten/custom operators, "compute_ops": those that are not
+    views or other header-only operators (each is at least one kernel on a GPU, a few microseconds of host time in
+    an eager step), "casts": dtype conversions}. Counted with TorchDispatchMode, deterministic for a given step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = self.compute = self.casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            self.ops += 1
+            if not getattr(func, "is_view", False) and name not in _NO_KERNEL:
+                self.compute += 1
+            self.casts += name == "aten._to_copy"
+            return func(*args, **(kwargs or {}))
+
+    with Count() as c:
+        fn()
+    return {"ops": c.ops, "compute_ops": c.compute, "casts": c.casts}
+
+
 # Kernel (GPU) or operator (CPU) names -> step-breakdown category; the first pattern that matches wins.
 CATEGORIES = [
     ("matching+loss", ("matching_cost", "linear_assignment", "auction", "box_loss", "giou", "lap", "hungarian")),
@@ -217,26 +249,29 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--small", action="store_true", help="resnet18, batch 2, images up to 256x320 (for CPUs)")
     ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,fast_all,ref_fp32,"
+    ap.add_argument("--backbone", default=None, help="resnet18 / resnet50 (default: resnet18 with --small)")
+    ap.add_argument("--size", default=None, help="largest image HxW (default 256x320 with --small, else 800x1333)")
+    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,fast_fused,fast_all,ref_fp32,"
                                           "ref_compile,fast_compile")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default="")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="also count the operators one eager step dispatches (ops, compute_ops, casts columns)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also profile each variant's step and split its time into kernel categories")
     a = ap.parse_args(argv)
     device = a.device
     small = a.small or device == "cpu"
     overrides = ["model.num_classes=91", "model.dropout=0.1"]
-    if small:
-        overrides += ["model.backbone=resnet18"]
-        B, H, W = a.batch or 2, 256, 320
-    else:
-        overrides += ["model.backbone=resnet50"]
-        B, H, W = a.batch or 8, 800, 1333
+    backbone = a.backbone or ("resnet18" if small else "resnet50")
+    overrides += [f"model.backbone={backbone}"]
+    B, H, W = (a.batch or 2, 256, 320) if small else (a.batch or 8, 800, 1333)
+    if a.size:
+        H, W = (int(x) for x in a.size.lower().split("x"))
     variants = [v for v in a.variants.split(",") if v]
     print(environment(device), flush=True)
-    print(f"batch {B}, images up to {H}x{W}, {'resnet18' if small else 'resnet50'}, 6+6 layers, aux loss", flush=True)
+    print(f"batch {B}, images up to {H}x{W}, {backbone}, 6+6 layers, aux loss", flush=True)
     images, mask, targets = make_batch(B, H, W, 91, device)
 
     torch.manual_seed(0)
@@ -276,6 +311,8 @@ def main(argv=None):
         syncs = count_syncs(lambda: step(images, mask, targets), device)
         row = {"variant": name, "ms_per_step": ms, "img_per_s": B * 1e3 / ms, "loss_same_batch": loss,
                "syncs_per_step": syncs}
+        if a.count_ops and not v.get("graph"):  # a replayed graph dispatches nothing: count the eager step instead
+            row.update(count_ops(lambda: step(images, mask, targets)))
         if a.breakdown:
             try:
                 row["breakdown_ms"] = step_breakdown(lambda: step(images, mask, targets), device)
@@ -295,7 +332,7 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump({"environment": environment(device), "batch": [B, H, W], "rows": rows}, f, indent=1)
     cols = ["variant", "ms_per_step", "img_per_s", "x_ref_tf32", "x_ref_compile", "peak_mem_GiB", "syncs_per_step",
-            "loss_same_batch"]
+            "loss_same_batch"] + (["ops", "compute_ops", "casts"] if a.count_ops else [])
     print(format_table(rows, cols))
     return 0
 
