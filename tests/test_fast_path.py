@@ -104,3 +104,20 @@ def test_fast_step_reads_nothing_back_to_the_host():
     # the detector does catch the reference path's matcher (scipy on host copies)
     with pytest.raises(AssertionError, match="host"):
         _step("ref_fp32", batch)
+
+
+def test_bench_step_counts_operators(tmp_path):
+    """bench_step --count-ops on the CPU: the one-pass weight cast and the packed projections dispatch fewer operators
+    and casts than the plain fast step, the reference step the most."""
+    import json
+
+    import bench_step
+
+    out = tmp_path / "rows.json"
+    assert bench_step.main(["--device", "cpu", "--small", "--size", "64x96", "--variants", "ref_tf32,fast,fast_fused",
+                            "--iters", "1", "--warmup", "1", "--count-ops", "--json", str(out)]) == 0
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    ref, fast, fused = rows["ref_tf32"], rows["fast"], rows["fast_fused"]
+    assert ref["compute_ops"] > fast["compute_ops"] > fused["compute_ops"] > 0
+    assert fast["casts"] > 2 * fused["casts"]
+    assert all(r["ops"] >= r["compute_ops"] for r in rows.values())
