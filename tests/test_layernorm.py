@@ -304,6 +304,14 @@ def test_bad_inputs(device):
                 add_dropout_layernorm(x, residual, weight, bias, p, training)
     with pytest.raises(ValueError, match="share one dtype"):
         add_dropout_layernorm(x, residual.double(), weight, bias)
+    with pytest.raises(ValueError, match="share one dtype"):  # mixed only as a low-precision x, fp32 residual
+        add_dropout_layernorm(x, residual.bfloat16(), weight, bias)
+    with pytest.raises(ValueError, match="share one dtype"):
+        add_dropout_layernorm(x.bfloat16(), residual.half(), weight, bias)
+    with pytest.raises(ValueError, match="residual's"):
+        torch.ops.detr_fast.add_dropout_layernorm_backward(x.bfloat16(), x.bfloat16(), residual, weight,
+                                                           residual[:, 0], residual[:, 0], 0.0,
+                                                           torch.zeros(2, dtype=torch.long, device=device))
     with pytest.raises(ValueError, match="float32"):
         add_dropout_layernorm(x, residual, weight.double(), bias.double())
     with pytest.raises(ValueError, match="d >= 1"):
@@ -315,15 +323,77 @@ def test_bad_inputs(device):
 
 
 def test_autocast_cpu():
-    """Under autocast, bf16 x with an fp32 residual gives what the plain path gives: layer_norm in fp32."""
+    """Under autocast, bf16 x with an fp32 residual gives what the plain path gives: layer_norm in fp32; x goes to
+    the kernel as it is (no cast operator), a bf16 residual is cast to fp32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Casts.n += func.overloadpacket is torch.ops.aten._to_copy
+            return func(*args, **(kwargs or {}))
+
     gen = torch.Generator().manual_seed(14)
     x, residual, weight, bias = make_inputs((6, 64), "cpu", torch.float32, gen)
     xb = x.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = add_dropout_layernorm(xb, residual, weight, bias, 0.1, False)
+        with Casts():
+            got = add_dropout_layernorm(xb, residual, weight, bias, 0.1, False)
+        assert Casts.n == 0
         want = F.layer_norm(residual + xb, (64,), weight, bias)
-    assert got.dtype == want.dtype == torch.float32
+        both_low = add_dropout_layernorm(xb, residual.bfloat16(), weight, bias, 0.1, False)
+        # both low: the sum in fp32 (the plain path would round it to bf16 first)
+        want_low = F.layer_norm(residual.bfloat16().float() + xb.float(), (64,), weight, bias)
+    assert got.dtype == want.dtype == both_low.dtype == torch.float32
     torch.testing.assert_close(got, want)
+    torch.testing.assert_close(both_low, want_low)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("xdtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (3, 33), (17, 128), (5, 3, 256), (0, 256), (2, 1024), (2, 1025),
+                                   (3, 1536)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", (0.0, 0.2))
+def test_mixed_low_precision_x_with_float32_residual(device, xdtype, shape, p):
+    """x fp16/bf16 with an fp32 residual (autocast's residual stream): out and the residual's gradient fp32, x's
+    gradient in x's dtype. Bit for bit what casting x to fp32 first gives (the same values reach the same math; x's
+    gradient rounded once), and within the fp32 rule of the fp64 reference given the kernel's own mask."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    x, residual, weight, bias = make_inputs(shape, device, torch.float32, gen)
+    x = x.to(xdtype)
+    go = torch.randn(shape, generator=gen).to(device)
+    seed = int(torch.randint(0, 1 << 40, (), generator=gen))
+
+    def op(*t):
+        return add_dropout_layernorm_with_state(*t, p, 1e-5, seed=seed, offset=3)[0]
+
+    mixed = _grads(op, (x, residual, weight, bias), go)
+    upcast = _grads(op, (x.float(), residual, weight, bias), go)
+    assert [t.dtype for t in mixed] == [torch.float32, xdtype, torch.float32, torch.float32, torch.float32]
+    for i, name in enumerate(NAMES):
+        want = upcast[i].to(xdtype) if name == "dx" else upcast[i]
+        assert torch.equal(mixed[i], want), name
+    rows, d = math.prod(shape[:-1]), shape[-1]
+    keep = None
+    if p > 0:
+        rng = add_dropout_layernorm_with_state(x, residual, weight, bias, p, 1e-5, seed=seed, offset=3)[3]
+        keep = dropout_mask(rng, rows, d, p)
+    ref64 = _grads(lambda *t: reference.add_dropout_layernorm(*t, p, p > 0, 1e-5, dropout_mask=keep),
+                   (x.double(), residual.double(), weight.double(), bias.double()), go.double())
+    for i, name in enumerate(NAMES):
+        if name == "dx":  # one rounding to x's dtype on top of the fp32 rule
+            scale = max(ref64[i].abs().max().item(), 1.0) if ref64[i].numel() else 1.0
+            ulp = 2.0 ** -8 if xdtype == torch.bfloat16 else 2.0 ** -11
+            if ref64[i].numel():
+                assert (mixed[i].double() - ref64[i]).abs().max().item() <= ulp * scale + 1e-5 * scale, name
+        else:
+            err, tol = compare(mixed[i], ref64[i], None, torch.float32)
+            assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g}"
+    # the reference takes the mixed case too (x promoted first): the same values
+    ref_mixed = reference.add_dropout_layernorm(x, residual, weight, bias, p, p > 0, 1e-5, dropout_mask=keep)
+    assert ref_mixed.dtype == torch.float32
+    torch.testing.assert_close(ref_mixed, mixed[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

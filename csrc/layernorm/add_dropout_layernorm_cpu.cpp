@@ -63,20 +63,21 @@ void row_keep(int64_t row, int64_t d, bool dropout, Rng rng, uint32_t thr, uint8
 }
 
 // h[c] = residual + dropout(x) of one row, in acc_t; keep[c] receives the row's keep decisions.
-template <typename scalar_t, typename acc_t>
-void row_h(const scalar_t* x, const scalar_t* r, int64_t row, int64_t d, bool dropout, Rng rng, uint32_t thr,
+template <typename x_t, typename scalar_t, typename acc_t>
+void row_h(const x_t* x, const scalar_t* r, int64_t row, int64_t d, bool dropout, Rng rng, uint32_t thr,
            acc_t keep_scale, acc_t* h, uint8_t* keep) {
   row_keep(row, d, dropout, rng, thr, keep);
   for (int64_t c = 0; c < d; ++c)
     h[c] = ln_add_dropout(static_cast<acc_t>(x[c]), static_cast<acc_t>(r[c]), keep[c] != 0, keep_scale);
 }
 
-template <typename scalar_t>
+// scalar_t: the residual's and the output's dtype; x_t: x's (scalar_t, or float16/bfloat16 with a float residual).
+template <typename scalar_t, typename x_t = scalar_t>
 void forward_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& w, const at::Tensor& b,
                     at::Tensor& out, at::Tensor& mean, at::Tensor& rstd, double p, double eps, Rng rng) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const x_t* xp = x.const_data_ptr<x_t>();
   const scalar_t* rp = r.const_data_ptr<scalar_t>();
   const acc_t* wp = w.const_data_ptr<acc_t>();
   const acc_t* bp = b.const_data_ptr<acc_t>();
@@ -106,19 +107,19 @@ void forward_kernel(const at::Tensor& x, const at::Tensor& r, const at::Tensor& 
 // Rows per chunk of the column reduction: fixed, so d weight and d bias do not depend on the thread count.
 constexpr int64_t kChunkRows = 64;
 
-template <typename scalar_t>
+template <typename scalar_t, typename x_t = scalar_t>
 void backward_kernel(const at::Tensor& go, const at::Tensor& x, const at::Tensor& r, const at::Tensor& w,
                      const at::Tensor& mean, const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dr,
                      at::Tensor& dw, at::Tensor& db, double p, Rng rng) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t d = x.size(-1), rows = x.numel() / d;
   const scalar_t* gp = go.const_data_ptr<scalar_t>();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const x_t* xp = x.const_data_ptr<x_t>();
   const scalar_t* rp = r.const_data_ptr<scalar_t>();
   const acc_t* wp = w.const_data_ptr<acc_t>();
   const acc_t* mp = mean.const_data_ptr<acc_t>();
   const acc_t* sp = rstd.const_data_ptr<acc_t>();
-  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  x_t* dxp = dx.mutable_data_ptr<x_t>();
   scalar_t* drp = dr.mutable_data_ptr<scalar_t>();
   const bool dropout = p > 0.0;
   const uint32_t thr = dropout_threshold(p);
@@ -151,7 +152,7 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& x, const at::Tensor
         for (int64_t c = 0; c < d; ++c) {
           const acc_t dh = ln_grad_h(dxhat[c], h[c], rs, c1, c2);
           drp[row * d + c] = static_cast<scalar_t>(dh);
-          dxp[row * d + c] = static_cast<scalar_t>(keep[c] ? dh * keep_scale : acc_t(0));
+          dxp[row * d + c] = static_cast<x_t>(keep[c] ? dh * keep_scale : acc_t(0));
         }
       }
     }
@@ -180,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   const at::Tensor x = x_in.contiguous(), r = r_in.contiguous();
   const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = at::empty(x.sizes(), r.options());
   at::Tensor mean = at::empty({rows}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   const Rng rng = cpu_dropout_state(p, seed, offset);
@@ -188,9 +189,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(rng.seed);
   rng_state.mutable_data_ptr<int64_t>()[1] = static_cast<int64_t>(rng.offset);
   if (rows == 0) return {out, mean, rstd, rng_state};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_dropout_layernorm_cpu", [&] {
-    forward_kernel<scalar_t>(x, r, w, b, out, mean, rstd, p, eps, rng);
-  });
+  if (ln_mixed(x, r)) {
+    if (x.scalar_type() == at::kHalf) {
+      forward_kernel<float, at::Half>(x, r, w, b, out, mean, rstd, p, eps, rng);
+    } else {
+      forward_kernel<float, at::BFloat16>(x, r, w, b, out, mean, rstd, p, eps, rng);
+    }
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_dropout_layernorm_cpu", [&] {
+      forward_kernel<scalar_t>(x, r, w, b, out, mean, rstd, p, eps, rng);
+    });
+  }
   return {out, mean, rstd, rng_state};
 }
 
@@ -203,14 +212,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   const at::Tensor w = weight.to(acc).contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t d = x.size(-1);
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dr = at::empty(x.sizes(), x.options());
+  at::Tensor dr = at::empty(x.sizes(), r.options());
   at::Tensor dw = at::zeros({d}, x.options().dtype(acc));
   at::Tensor db = at::zeros({d}, x.options().dtype(acc));
   const Rng rng = p > 0.0 ? read_rng(rng_state) : Rng{};
   if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_dropout_layernorm_bwd_cpu", [&] {
-      backward_kernel<scalar_t>(go, x, r, w, mean, rstd, dx, dr, dw, db, p, rng);
-    });
+    if (ln_mixed(x, r)) {
+      if (x.scalar_type() == at::kHalf) {
+        backward_kernel<float, at::Half>(go, x, r, w, mean, rstd, dx, dr, dw, db, p, rng);
+      } else {
+        backward_kernel<float, at::BFloat16>(go, x, r, w, mean, rstd, dx, dr, dw, db, p, rng);
+      }
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_dropout_layernorm_bwd_cpu",
+                                      [&] { backward_kernel<scalar_t>(go, x, r, w, mean, rstd, dx, dr, dw, db, p, rng); });
+    }
   }
   return {dx, dr, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
 }

@@ -219,7 +219,8 @@ constexpr int block_threads() {
   return TPR < 128 ? 128 : TPR;
 }
 
-template <typename scalar_t, int TPR, int NV>
+// scalar_t: the residual's and the output's dtype; x_t: x's (scalar_t, or half/bfloat16 with a float residual).
+template <typename scalar_t, typename x_t, int TPR, int NV>
 __global__ void __launch_bounds__(block_threads<TPR>()) ln_forward_kernel(FwdParams p) {
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr int RPB = block_threads<TPR>() / TPR;
@@ -234,7 +235,7 @@ __global__ void __launch_bounds__(block_threads<TPR>()) ln_forward_kernel(FwdPar
   if (row >= p.rows) return;  // uniform over the row group (a warp, or the whole block when TPR > 32)
   const int t = threadIdx.x % TPR;
   const int64_t d = p.d;
-  const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * d;
+  const x_t* xr = static_cast<const x_t*>(p.x) + row * d;
   const scalar_t* rr = static_cast<const scalar_t*>(p.r) + row * d;
   const acc_t* w = static_cast<const acc_t*>(p.w);
   const acc_t* b = static_cast<const acc_t*>(p.b);
@@ -296,7 +297,7 @@ __global__ void __launch_bounds__(block_threads<TPR>()) ln_forward_kernel(FwdPar
   }
 }
 
-template <typename scalar_t, int TPR, int NV>
+template <typename scalar_t, typename x_t, int TPR, int NV>
 __global__ void __launch_bounds__(block_threads<TPR>()) ln_backward_kernel(BwdParams p) {
   using acc_t = typename AccOf<scalar_t>::type;
   constexpr int RPB = block_threads<TPR>() / TPR;
@@ -326,7 +327,7 @@ __global__ void __launch_bounds__(block_threads<TPR>()) ln_backward_kernel(BwdPa
   }
   // Rows are visited with a stride of `groups`; the loop bound is uniform over a row group.
   for (int64_t row = group; row < p.rows; row += groups) {
-    const scalar_t* xr = static_cast<const scalar_t*>(p.x) + row * d;
+    const x_t* xr = static_cast<const x_t*>(p.x) + row * d;
     const scalar_t* rr = static_cast<const scalar_t*>(p.r) + row * d;
     const scalar_t* gr = static_cast<const scalar_t*>(p.g) + row * d;
     const acc_t mu = mean[row], rs = rstd[row];
@@ -360,7 +361,7 @@ __global__ void __launch_bounds__(block_threads<TPR>()) ln_backward_kernel(BwdPa
     }
     group_sum2<TPR>(s1, s2, shm);
     const acc_t c1 = s1 * inv_d, c2 = s2 * inv_d;
-    scalar_t* dxr = static_cast<scalar_t*>(p.dx) + row * d;
+    x_t* dxr = static_cast<x_t*>(p.dx) + row * d;
     scalar_t* drr = static_cast<scalar_t*>(p.dr) + row * d;
 #pragma unroll
     for (int k = 0; k < NV; ++k) {
@@ -458,17 +459,21 @@ void dispatch_config(int64_t d, F&& f) {
   return f(std::integral_constant<int, 256>{}, std::integral_constant<int, 8>{});
 }
 
+// Calls f(scalar_t{}, x_t{}): the residual's (and output's) dtype and x's; they differ only for the mixed case
+// (float residual, half/bfloat16 x), checked by the caller.
 template <typename F>
-void dispatch_dtype(at::ScalarType dt, F&& f) {
-  switch (dt) {
+void dispatch_dtype(at::ScalarType x_dt, at::ScalarType r_dt, F&& f) {
+  if (r_dt == at::kFloat && x_dt == at::kHalf) return f(float{}, at::Half{});
+  if (r_dt == at::kFloat && x_dt == at::kBFloat16) return f(float{}, at::BFloat16{});
+  switch (x_dt) {
     case at::kFloat:
-      return f(float{});
+      return f(float{}, float{});
     case at::kDouble:
-      return f(double{});
+      return f(double{}, double{});
     case at::kHalf:
-      return f(at::Half{});
+      return f(at::Half{}, at::Half{});
     default:
-      return f(at::BFloat16{});
+      return f(at::BFloat16{}, at::BFloat16{});
   }
 }
 
@@ -488,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   const at::Tensor x = x_in.contiguous(), r = r_in.contiguous();
   const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor out = at::empty(x.sizes(), r.options());
   at::Tensor mean = at::empty({rows}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
@@ -516,19 +521,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   prm.d = d;
   prm.eps = eps;
   set_dropout(prm, p);
-  const size_t vbytes = 4 * x.element_size();
-  prm.vec = d % 4 == 0 && aligned(prm.x, vbytes) && aligned(prm.r, vbytes) && aligned(prm.out, vbytes);
+  const size_t xbytes = 4 * x.element_size(), rbytes = 4 * r.element_size();  // one 4-element vector each
+  prm.vec = d % 4 == 0 && aligned(prm.x, xbytes) && aligned(prm.r, rbytes) && aligned(prm.out, rbytes);
   prm.philox = philox;
   prm.rng_out = rng_state.mutable_data_ptr<int64_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(x.scalar_type(), [&](auto s) {
+  dispatch_dtype(x.scalar_type(), r.scalar_type(), [&](auto s, auto xs) {
     using scalar_t = decltype(s);
+    using x_t = decltype(xs);
     dispatch_config(d, [&](auto tpr, auto nv) {
       constexpr int TPR = decltype(tpr)::value, NV = decltype(nv)::value;
       constexpr int RPB = block_threads<TPR>() / TPR;
       // At least one block, so that rng_state is written even for zero rows.
       const int64_t blocks = std::max<int64_t>(1, (rows + RPB - 1) / RPB);
-      ln_forward_kernel<scalar_t, TPR, NV><<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
+      ln_forward_kernel<scalar_t, x_t, TPR, NV><<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -547,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   const at::Tensor rng = rng_state.contiguous();
   const int64_t d = x.size(-1), rows = x.numel() / d;
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dr = at::empty(x.sizes(), x.options());
+  at::Tensor dr = at::empty(x.sizes(), r.options());
   if (rows == 0) {
     at::Tensor z = at::zeros({d}, weight.options());
     return {dx, dr, z, z.clone()};
@@ -567,13 +573,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   prm.d = d;
   set_dropout(prm, p);
   prm.rng_in = rng.const_data_ptr<int64_t>();
-  const size_t vbytes = 4 * x.element_size();
-  prm.vec = d % 4 == 0 && aligned(prm.g, vbytes) && aligned(prm.x, vbytes) && aligned(prm.r, vbytes) &&
-            aligned(prm.dx, vbytes) && aligned(prm.dr, vbytes);
+  const size_t xbytes = 4 * x.element_size(), rbytes = 4 * r.element_size();  // one 4-element vector each
+  prm.vec = d % 4 == 0 && aligned(prm.g, rbytes) && aligned(prm.x, xbytes) && aligned(prm.r, rbytes) &&
+            aligned(prm.dx, xbytes) && aligned(prm.dr, rbytes);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int sms = sm_count(x.device().index());
-  dispatch_dtype(x.scalar_type(), [&](auto s) {
+  dispatch_dtype(x.scalar_type(), r.scalar_type(), [&](auto s, auto xs) {
     using scalar_t = decltype(s);
+    using x_t = decltype(xs);
     using acc_t = typename AccOf<scalar_t>::type;
     dispatch_config(d, [&](auto tpr, auto nv) {
       constexpr int TPR = decltype(tpr)::value, NV = decltype(nv)::value;
@@ -584,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
       const int64_t groups = blocks * RPB;
       at::Tensor partial = at::empty({groups, 2, d}, x.options().dtype(acc));
       prm.partial = partial.data_ptr();
-      ln_backward_kernel<scalar_t, TPR, NV><<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
+      ln_backward_kernel<scalar_t, x_t, TPR, NV><<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       ln_column_sum_kernel<acc_t><<<static_cast<unsigned>((d + 31) / 32), 256, 0, stream>>>(
           partial.const_data_ptr<acc_t>(), groups, d, dw.mutable_data_ptr<acc_t>(), db.mutable_data_ptr<acc_t>());

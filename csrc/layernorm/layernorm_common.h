@@ -1,10 +1,12 @@
 // Argument checks shared by the CPU and CUDA entry points of detr_fast::add_dropout_layernorm.
 //
-// Contract (see detr_fast/ops/layernorm.py): x and residual [..., d] of one floating dtype, d >= 1; weight and bias
-// [d] of one dtype, either x's or float32; p in [0, 1); eps >= 0. Outputs: out [..., d] in x's dtype, mean and
-// rstd [rows] (rows = x.numel() / d) in acc dtype (float32, float64 for float64 inputs), rng_state [2] int64 =
-// (seed, offset) of the dropout stream (common/layernorm_math.h), (0, 0) when p == 0. The backward returns
-// (d x, d residual, d weight, d bias) with d weight / d bias in weight's dtype.
+// Contract (see detr_fast/ops/layernorm.py): x and residual [..., d] of one floating dtype, or "mixed": x float16 or
+// bfloat16 with a float32 residual (autocast's residual stream), d >= 1; weight and bias [d] of one dtype, either
+// x's or float32; p in [0, 1); eps >= 0. Outputs: out [..., d] in residual's dtype, mean and rstd [rows]
+// (rows = x.numel() / d) in acc dtype (float32, float64 for float64 inputs), rng_state [2] int64 = (seed, offset) of
+// the dropout stream (common/layernorm_math.h), (0, 0) when p == 0. The backward takes grad_out in residual's dtype
+// and returns (d x in x's dtype, d residual in residual's dtype, d weight, d bias) with d weight / d bias in
+// weight's dtype.
 #pragma once
 #include <optional>
 
@@ -15,6 +17,17 @@ namespace detr_fast {
 
 inline at::ScalarType ln_acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// x float16/bfloat16 with a float32 residual: the kernels read x in its own dtype (no cast pass before them).
+inline bool ln_mixed(const at::Tensor& x, const at::Tensor& residual) {
+  return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) && residual.scalar_type() == at::kFloat;
+}
+
+inline void check_ln_dtypes(const at::Tensor& x, const at::Tensor& residual, const char* op) {
+  DETR_CHECK(residual.scalar_type() == x.scalar_type() || ln_mixed(x, residual), op,
+             ": x and residual must share one dtype (or be a float16/bfloat16 x with a float32 residual), got ",
+             x.scalar_type(), " and ", residual.scalar_type());
 }
 
 inline void check_ln_params(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double p,
@@ -42,8 +55,7 @@ inline void check_ln_inputs(const at::Tensor& x, const at::Tensor& residual, con
              ": x must be float32, float64, float16 or bfloat16, got ", dt);
   DETR_CHECK(residual.sizes() == x.sizes(), op, ": x and residual must have the same shape, got ", x.sizes(),
              " and ", residual.sizes());
-  DETR_CHECK(residual.scalar_type() == x.scalar_type(), op, ": x and residual must share one dtype, got ",
-             x.scalar_type(), " and ", residual.scalar_type());
+  check_ln_dtypes(x, residual, op);
   check_same_device(x, residual, "add_dropout_layernorm: x", "residual");
   check_ln_params(x, weight, bias, p, op);
   DETR_CHECK(eps >= 0.0, op, ": eps must be >= 0, got ", eps);
@@ -61,9 +73,9 @@ inline void check_ln_backward_inputs(const at::Tensor& grad_out, const at::Tenso
   DETR_CHECK(grad_out.sizes() == x.sizes() && residual.sizes() == x.sizes(), op,
              ": grad_out and residual must have x's shape ", x.sizes(), ", got ", grad_out.sizes(), " and ",
              residual.sizes());
-  DETR_CHECK(grad_out.scalar_type() == x.scalar_type() && residual.scalar_type() == x.scalar_type(), op,
-             ": grad_out and residual must have x's dtype ", x.scalar_type(), ", got ", grad_out.scalar_type(),
-             " and ", residual.scalar_type());
+  check_ln_dtypes(x, residual, op);
+  DETR_CHECK(grad_out.scalar_type() == residual.scalar_type(), op, ": grad_out must have the output's (residual's) dtype ",
+             residual.scalar_type(), ", got ", grad_out.scalar_type());
   check_ln_params(x, weight, weight, p, op);
   const int64_t rows = x.numel() / x.size(-1);
   DETR_CHECK(mean.dim() == 1 && mean.size(0) == rows && rstd.dim() == 1 && rstd.size(0) == rows, op,

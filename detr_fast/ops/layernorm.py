@@ -3,8 +3,10 @@
     out = add_dropout_layernorm(x, residual, weight, bias, p, training, eps=1e-5)
         = layer_norm(residual + dropout(x, p, training), [d], weight, bias, eps)
 
-x and residual [..., d] of one dtype (fp32, fp64, fp16, bf16), weight and bias [d] in x's dtype or fp32 (under
-autocast DETR keeps LayerNorm parameters fp32); out [..., d] in x's dtype. Mean and variance (biased, as in
+x and residual [..., d] of one dtype (fp32, fp64, fp16, bf16), or "mixed": an fp16/bf16 x with an fp32 residual
+(autocast's residual stream; the kernels read x in its own dtype); weight and bias [d] in x's dtype or fp32 (under
+autocast DETR keeps LayerNorm parameters fp32); out [..., d] in the residual's dtype; the gradient of x in x's
+dtype, of the residual in the residual's. Mean and variance (biased, as in
 F.layer_norm) are accumulated in fp32 (fp64 for fp64 inputs); with p == 0 or training False the result is
 F.layer_norm(residual + x) up to the order of the fp32 sums. Differentiable in x, residual, weight and bias.
 
@@ -17,8 +19,9 @@ reproducible. `add_dropout_layernorm_with_state` returns the (seed, offset) used
 keep mask from it.
 
 Autocast: the plain path `norm(residual + dropout(x))` adds in the promoted dtype and autocast runs layer_norm in
-fp32 with an fp32 result. The op does the same: under autocast for the inputs' device, fp16/bf16 x and residual
-are cast to fp32 and the result is fp32.
+fp32 with an fp32 result. The op does the same: under autocast for the inputs' device an fp16/bf16 residual is cast
+to fp32, and an fp16/bf16 x goes to the kernel as it is (mixed: the same values as casting it first, one pass fewer
+each way); the result is fp32.
 
 Backends: the CUDA kernel (d <= 8192; a warp per row up to d = 1024, a block per row above), the C++ CPU kernel
 (any d) and reference.add_dropout_layernorm for anything else (with a one-time warning).
@@ -49,17 +52,19 @@ def _fallback_reason(x: torch.Tensor) -> str | None:
 
 
 def _autocast(x: torch.Tensor, residual: torch.Tensor) -> tuple:
-    """Under autocast for x's device: fp16/bf16 x and residual to fp32 (autocast runs layer_norm in fp32)."""
+    """Under autocast for x's device (autocast runs layer_norm in fp32): an fp16/bf16 residual to fp32; an fp16/bf16
+    x stays as it is (the mixed case), any other x dtype is left to the dtype checks."""
     dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        return tuple(t.float() if t.dtype in LOW_PRECISION else t for t in (x, residual))
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and residual.dtype in LOW_PRECISION:
+        residual = residual.float()
     return x, residual
 
 
 def add_dropout_layernorm(x, residual, weight, bias, p: float = 0.0, training: bool = False, eps: float = 1e-5):
     """layer_norm(residual + dropout(x)) over the last dimension.
 
-    x, residual [..., d]; weight, bias [d]; p in [0, 1) (dropout acts only when training) -> [..., d] in x's dtype.
+    x, residual [..., d]; weight, bias [d]; p in [0, 1) (dropout acts only when training) -> [..., d] in the
+    residual's dtype (x's, except for an fp16/bf16 x with an fp32 residual).
     """
     p = float(p)
     if not 0.0 <= p < 1.0:
@@ -100,7 +105,7 @@ def _register() -> None:
         torch._check(x.dim() >= 1 and residual.shape == x.shape, lambda: "add_dropout_layernorm: bad shapes")
         rows = math.prod(x.shape[:-1])
         acc = _acc_dtype(x)
-        return (x.new_empty(x.shape), x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc),
+        return (residual.new_empty(x.shape), x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc),
                 x.new_empty((2,), dtype=torch.int64))
 
     @torch.library.register_fake("detr_fast::add_dropout_layernorm_backward")
@@ -125,7 +130,7 @@ def _register() -> None:
         # Only `out` is differentiable: mean, rstd and rng_state are saved for the backward.
         x, residual, weight, mean, rstd, rng_state = ctx.saved_tensors
         if grad_out is None:
-            grad_out = torch.zeros_like(x)
+            grad_out = torch.zeros_like(residual)
         dx, dres, dw, db = torch.ops.detr_fast.add_dropout_layernorm_backward(grad_out, x, residual, weight, mean,
                                                                               rstd, ctx.p, rng_state)
         return dx, dres, dw, db, None, None, None, None

@@ -180,7 +180,8 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0, *, dropout_mask=Non
 def add_dropout_layernorm(x, residual, weight, bias, p=0.0, training=False, eps=1e-5, *, dropout_mask=None):
     """layer_norm(residual + dropout(x)) over the last dimension.
 
-    x, residual [..., d] of one dtype; weight, bias [d] (x's dtype or float32); returns [..., d] in x's dtype.
+    x, residual [..., d] of one dtype, or a float16/bfloat16 x with a float32 residual (then x is promoted: the sum
+    and the result are float32); weight, bias [d] (x's dtype or float32); returns [..., d] in the residual's dtype.
     Dropout acts when training and p > 0: dropout_mask [..., d] bool (True = kept; or any shape that reshapes to
     x's, such as the op's [rows, d] mask) applies that mask with kept values scaled by 1 / (1 - p); otherwise one is
     drawn with torch's generator. Parameters in float32 with low-precision x: the normalization runs in float32 and
@@ -189,14 +190,18 @@ def add_dropout_layernorm(x, residual, weight, bias, p=0.0, training=False, eps=
     if x.dim() < 1 or x.shape[-1] < 1 or residual.shape != x.shape:
         raise ValueError(f"x and residual must both be [..., d] with d >= 1, got {tuple(x.shape)} and "
                          f"{tuple(residual.shape)}")
-    if residual.dtype != x.dtype:
-        raise ValueError(f"x and residual must share one dtype, got {x.dtype} and {residual.dtype}")
+    mixed = x.dtype in (torch.float16, torch.bfloat16) and residual.dtype == torch.float32
+    if residual.dtype != x.dtype and not mixed:
+        raise ValueError(f"x and residual must share one dtype (or be a float16/bfloat16 x with a float32 residual), "
+                         f"got {x.dtype} and {residual.dtype}")
     d = x.shape[-1]
     if weight.shape != (d,) or bias.shape != (d,):
         raise ValueError(f"weight and bias must have shape [d] = [{d}], got {tuple(weight.shape)} and "
                          f"{tuple(bias.shape)}")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout probability p must lie in [0, 1), got {p}")
+    if mixed:
+        x = x.to(residual.dtype)  # dropout's scaling and the sum in float32, as the kernels compute them
     if training and p > 0:
         if dropout_mask is not None:
             x = x * dropout_mask.reshape(x.shape).to(x.dtype) / (1.0 - p)
