@@ -37,7 +37,7 @@ import torch
 
 from detr_fast.bench import environment, format_table, median_ms
 from detr_fast.config import load_config
-from detr_fast.criterion import build_criterion
+from detr_fast.criterion import build_criterion, weighted_total
 from detr_fast.models import build_detr
 
 VARIANTS = {
@@ -124,7 +124,7 @@ def make_step(model, criterion, cfg, amp, device, fused_opt=False, capturable=Fa
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
             out = model(images, mask)
             losses = criterion(out, targets)
-            total = sum(losses[k] * wd[k] for k in losses if k in wd)
+            total = weighted_total(losses, wd)[0]
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
@@ -138,7 +138,7 @@ def eval_loss(model, criterion, amp, device, images, mask, targets):
     with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
         out = model(images, mask)
         losses = criterion(out, targets)
-        total = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict)
+        total = weighted_total(losses, criterion.weight_dict)[0]
     model.train()
     return float(total)
 

@@ -98,13 +98,48 @@ class SetCriterion(nn.Module):
         loss_bbox = torch.where(m, l1, zero).view(L, -1).sum(1) / num_boxes  # [L]
         loss_giou = torch.where(m, giou, zero).view(L, -1).sum(1) / num_boxes  # [L]
 
-        losses = {}
+        stacked = torch.stack((loss_ce, loss_bbox, loss_giou), 1).flatten()  # [L * 3], layer by layer
+        keys = []
         for i in range(L):
             sfx = "" if i == L - 1 else f"_{i}"
-            losses["loss_ce" + sfx] = loss_ce[i]
-            losses["loss_bbox" + sfx] = loss_bbox[i]
-            losses["loss_giou" + sfx] = loss_giou[i]
-        return losses
+            keys += ["loss_ce" + sfx, "loss_bbox" + sfx, "loss_giou" + sfx]
+        return Losses(keys, stacked)
+
+
+class Losses(dict):
+    """The criterion's losses: a dict of scalar tensors by name, views of one tensor `stacked` [K] whose order
+    `stacked_keys` gives. weighted_total uses `stacked` directly: a weighted sum in two kernels, and a backward that
+    needs no per-loss operators (each scalar view used on its own costs a select, a multiply and an add forward, and a
+    zero-filled buffer, a copy and an add backward)."""
+
+    def __init__(self, keys: list, stacked: torch.Tensor):
+        views = stacked.unbind(0)
+        super().__init__(zip(keys, views))
+        self.stacked_keys = list(keys)
+        self.stacked = stacked
+        self._views = views
+
+    def intact(self) -> bool:
+        """Whether the dict still holds exactly the stacked values (a caller may have replaced or added losses; then
+        `stacked` no longer tells the whole story)."""
+        return len(self) == len(self._views) and all(self.get(k) is v for k, v in zip(self.stacked_keys, self._views))
+
+
+def weighted_total(losses: dict, weight_dict: dict, keys: list | None = None, weights: torch.Tensor | None = None):
+    """(total, keys, weights, vals): total = sum of weight * loss over `keys` (default: the losses' own order for an
+    intact Losses, else sorted names), weights [K] on the losses' device (built from weight_dict when not given; a name
+    missing from it weighs 0), vals [K] the fp32 losses in that order."""
+    stacked = isinstance(losses, Losses) and losses.intact()
+    if keys is None:
+        keys = list(losses.stacked_keys) if stacked else sorted(losses)
+    if weights is None:
+        device = next(iter(losses.values())).device
+        weights = torch.tensor([float(weight_dict.get(k, 0.0)) for k in keys], device=device)
+    if stacked and losses.stacked_keys == keys:
+        vals = losses.stacked.float()
+    else:
+        vals = torch.stack([losses[k].float() for k in keys])
+    return (vals * weights).sum(), keys, weights, vals
 
 
 def build_criterion(cfg) -> SetCriterion:

@@ -32,6 +32,7 @@ from detr_fast import dist
 from detr_fast.checkpoint import (load_checkpoint, load_pretrained, rng_state, save_checkpoint, set_rng_state,
                                   unwrap)
 from detr_fast.config import Config, ConfigError, apply_overrides, config_from_dict
+from detr_fast.criterion import weighted_total
 from detr_fast.evaluation import autocast_context, evaluate, format_stats
 
 
@@ -205,18 +206,13 @@ def train_step(model, criterion, batch, optimizer, *, amp_ctx, scaler, clip_max_
                keys=None):
     """One optimization step on one batch (already on the device). No host sync (except fp16's GradScaler).
 
-    Returns (keys, weights, row): the sorted loss names, their weights [K] and the detached row [1 + K]
-    = (weighted total, each loss) on the device.
+    Returns (keys, weights, row): the loss names (SetCriterion's order: layer by layer), their weights [K] and the
+    detached row [1 + K] = (weighted total, each loss) on the device.
     """
     with amp_ctx():
         out = model(batch.images, batch.mask)
     losses = criterion(out, batch.targets)  # the criterion computes in fp32 outside autocast
-    if keys is None:
-        keys = sorted(losses)
-        wd = criterion.weight_dict
-        weights = torch.tensor([float(wd.get(k, 0.0)) for k in keys], device=batch.images.device)  # [K]
-    vals = torch.stack([losses[k].float() for k in keys])  # [K]
-    total = (vals * weights).sum()
+    total, keys, weights, vals = weighted_total(losses, criterion.weight_dict, keys, weights)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     if clip_max_norm > 0:

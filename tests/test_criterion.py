@@ -142,3 +142,66 @@ def test_stacked_layer_outputs_give_the_same_losses_and_gradients():
     out = {"pred_logits": logits0[-1], "pred_boxes": boxes0[-1], "aux_outputs": [],
            "all_logits": logits0, "all_boxes": boxes0}
     assert set(crit(out, tg)) == {"loss_ce", "loss_bbox", "loss_giou"}
+
+
+def test_weighted_total_from_the_stacked_losses():
+    """SetCriterion's Losses: the weighted total from `stacked` equals the sum over the dict (value and gradients),
+    its backward runs no per-loss operators, and a dict a caller changed falls back to the dict's values."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from detr_fast.criterion import Losses, weighted_total
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    cfg = load_config(None, ["model.dec_layers=4", "model.num_classes=5"])
+    crit = build_criterion(cfg)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    L, B, Q = 4, 3, 9
+    _, _, tg = _random_problem(g, B, Q, 4, 5)
+    logits0 = torch.randn(L, B, Q, 6, generator=g)
+    boxes0 = torch.cat((torch.rand(L, B, Q, 2, generator=g) * 0.8 + 0.1,
+                        torch.rand(L, B, Q, 2, generator=g) * 0.3 + 0.02), -1)
+
+    def run(fn):
+        logits, boxes = logits0.clone().requires_grad_(), boxes0.clone().requires_grad_()
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "all_logits": logits, "all_boxes": boxes,
+               "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]}
+        losses = crit(out, tg)
+        total = fn(losses)
+        ops = Ops()
+        with ops:
+            total.backward()
+        return total.detach(), logits.grad, boxes.grad, ops.names, losses
+
+    t1, gl1, gb1, ops1, losses = run(lambda ls: sum(ls[k] * crit.weight_dict[k] for k in ls))
+    t2, gl2, gb2, ops2, _ = run(lambda ls: weighted_total(ls, crit.weight_dict)[0])
+    assert isinstance(losses, Losses) and losses.intact() and len(losses) == 3 * L
+    assert losses.stacked_keys[:3] == ["loss_ce_0", "loss_bbox_0", "loss_giou_0"]
+    assert losses.stacked_keys[-3:] == ["loss_ce", "loss_bbox", "loss_giou"]
+    assert torch.equal(torch.stack([losses[k] for k in losses.stacked_keys]), losses.stacked)
+    torch.testing.assert_close(t2, t1, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gl2, gl1, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gb2, gb1, rtol=1e-6, atol=1e-9)
+    # per-loss products and sums in the dict's backward, one product for the stacked one
+    assert ops1.count("aten.mul") >= 3 * L and ops2.count("aten.mul") <= 3, (ops1, ops2)
+    assert len(ops2) < len(ops1) - L, (ops1, ops2)
+    # keys and weights: the stacked order, a name missing from weight_dict weighs 0
+    total, keys, weights, vals = weighted_total(losses, {"loss_ce": 2.0})
+    assert keys == losses.stacked_keys and weights.tolist() == [0.0] * (3 * L - 3) + [2.0, 0.0, 0.0]
+    torch.testing.assert_close(total, 2.0 * losses["loss_ce"].detach(), rtol=1e-6, atol=0)
+    # a changed dict is no longer intact: its own values count, in sorted order unless keys are given
+    losses["loss_bbox"] = losses["loss_bbox"] * 0 + 100.0
+    assert not losses.intact()
+    total, keys, _, vals = weighted_total(losses, {"loss_bbox": 1.0})
+    assert keys == sorted(losses) and float(total.detach()) == 100.0
+    total, keys, _, _ = weighted_total(losses, {"loss_bbox": 1.0}, keys=losses.stacked_keys)
+    assert keys == losses.stacked_keys and float(total.detach()) == 100.0
+    losses["extra"] = torch.tensor(1.0)
+    assert "extra" in weighted_total(losses, {})[1]
