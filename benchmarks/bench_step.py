@@ -251,8 +251,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--backbone", default=None, help="resnet18 / resnet50 (default: resnet18 with --small)")
     ap.add_argument("--size", default=None, help="largest image HxW (default 256x320 with --small, else 800x1333)")
-    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,fast_fused,fast_all,ref_fp32,"
-                                          "ref_compile,fast_compile")
+    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,"
+                                          "fast_fused,fast_all,ref_fp32,ref_compile,fast_compile")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--json", default="")

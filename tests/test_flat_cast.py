@@ -31,13 +31,16 @@ class _Casts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _step(extra, seed, batch, amp=torch.bfloat16, count=False, grad=True, variant="fast"):
+def _step(extra, seed, batch, amp=torch.bfloat16, count=False, grad=True, variant="fast", warm=False):
     """One forward + loss + backward of a bench_step variant (fast: fused attention core, folded trunk; ref_fp32:
     nn.MultiheadAttention's math, unfolded trunk) under CPU autocast; dropout drawn from `seed`."""
     torch.manual_seed(0)
     cfg, model, criterion = build(OVER + list(extra), variant, "cpu")
     images, mask, targets = batch
     counter = _Casts()
+    if warm:  # one forward first: the caches filled, so the count is of a later step
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            model(images, mask)
     torch.manual_seed(seed)
     with counter if count else nullcontext(), torch.set_grad_enabled(grad):
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -89,8 +92,8 @@ def test_flat_cast_counts_two_cast_kernels_each_way():
 
 def test_flat_cast_is_a_no_op_without_autocast_or_in_fp64():
     batch = make_batch(2, 64, 80, 7, "cpu", seed=2, max_targets=3)
-    _, o1, l1, g1, c1 = _step(("model.dropout=0.0",), 0, batch, amp=None, count=True)
-    _, o2, l2, g2, c2 = _step(("model.dropout=0.0", "model.flat_cast=true"), 0, batch, amp=None, count=True)
+    _, o1, l1, g1, c1 = _step(("model.dropout=0.0",), 0, batch, amp=None, count=True, warm=True)
+    _, o2, l2, g2, c2 = _step(("model.dropout=0.0", "model.flat_cast=true"), 0, batch, amp=None, count=True, warm=True)
     assert c1 == c2 and torch.equal(l1, l2) and all(torch.equal(g1[n], g2[n]) for n in g1)
     # a float64 model under autocast: autocast leaves fp64 alone, so does flat_cast
     model = build_detr(load_config(None, OVER + ["model.flat_cast=true", "model.dropout=0.0"])).double()
@@ -193,3 +196,37 @@ def test_flat_cast_on_cuda_bf16():
     assert g1.keys() == g2.keys()
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_trunk_fold_in_a_capture_is_bit_identical(monkeypatch):
+    """While a CUDA graph is captured the per-convolution caches are bypassed; with flat_cast the whole trunk's
+    scales, shifts and frozen weights come from TrunkFold's few passes instead. Simulated here by declaring every
+    tensor under capture: outputs, loss and gradients equal bit for bit, with far fewer operators in the forward;
+    nothing stays lent afterwards."""
+    from detr_fast.models import fold
+
+    batch = make_batch(2, 64, 96, 7, "cpu", seed=8, max_targets=4)
+    monkeypatch.setattr(fold, "_capturing", lambda x: True)
+    runs = {}
+    for flat in (False, True):
+        for extra in ((), ("model.fused_bias_act=true",)):
+            m, o, loss, g, ops = _step(extra + ("model.dropout=0.0", f"model.flat_cast={str(flat).lower()}"), 0,
+                                       batch, count=True, warm=True)
+            runs[flat, extra] = (o, loss, g, ops)
+            assert all(c._lent is None for c in m.backbone.modules() if isinstance(c, fold.FoldedConv2d))
+            assert (m.trunk_fold is not None) == flat
+    for extra in ((), ("model.fused_bias_act=true",)):
+        (o1, l1, g1, c1), (o2, l2, g2, c2) = runs[False, extra], runs[True, extra]
+        assert torch.equal(l1, l2) and torch.equal(o1["all_boxes"], o2["all_boxes"])
+        assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
+        assert c2["aten.rsqrt"] == 1 and c1["aten.rsqrt"] > 15
+        assert sum(c2.values()) < sum(c1.values()) - 60
+
+
+def test_trunk_fold_stands_aside_outside_a_capture():
+    """Eager forwards keep the per-convolution caches: TrunkFold lends nothing and adds no operators."""
+    batch = make_batch(2, 64, 96, 7, "cpu", seed=9, max_targets=4)
+    _, _, l1, g1, c1 = _step(("model.dropout=0.0", "model.flat_cast=true"), 0, batch, count=True, warm=True)
+    _, _, l2, g2, c2 = _step(("model.dropout=0.0",), 0, batch, count=True, warm=True)
+    assert torch.equal(l1, l2)
+    assert c1["aten.rsqrt"] == c2["aten.rsqrt"] == 0  # cached scales: no BatchNorm arithmetic at all

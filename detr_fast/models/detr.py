@@ -1,13 +1,15 @@
 """The DETR detector: backbone -> 1x1 input projection -> transformer -> class and box heads."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import cast_targets, flat_cast
-from detr_fast.models.fold import fold_frozen_bn, fuse_bias_act
+from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
 
@@ -42,13 +44,18 @@ class DETR(nn.Module):
         self.backbone = backbone
         self.channels_last = False
         self.flat_cast_targets = []  # (module, name) pairs cast in one pass under autocast (model.flat_cast)
+        self.trunk_fold = None  # TrunkFold of the folded trunk (model.flat_cast with fold_bn)
 
     def use_flat_cast(self, on: bool = True) -> None:
         """model.flat_cast: under autocast, the transformer's, input projection's and heads' matrix weights are cast
-        in one kernel per forward (and their gradients in one per backward) instead of one per weight and use;
-        bit-identical results (detr_fast.models.cast)."""
+        in one kernel per forward (and their gradients in one per backward) instead of one per weight and use
+        (detr_fast.models.cast); with a folded trunk (fold_bn), every convolution's folded scale, shift and weight
+        are computed in a few passes for the whole trunk (fold.TrunkFold). Bit-identical results."""
         self.flat_cast_targets = cast_targets(
             [self.input_proj, self.transformer, self.class_embed, self.bbox_embed]) if on else []
+        # a folded trunk (fold_bn): every convolution's scale, shift and folded weight in a few passes per forward
+        trunk = TrunkFold(self.backbone) if on else None
+        self.trunk_fold = trunk if trunk is not None and trunk.convs else None
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor) -> dict:
         """images [B, 3, H, W] float, mask [B, H, W] bool (True = padding) ->
@@ -57,7 +64,8 @@ class DETR(nn.Module):
          all_boxes [L, B, Q, 4]: every decoder layer's, the last one last (aux_outputs and all_* with aux_loss)}."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        feat, m, pos = self.backbone(images, mask)
+        with self.trunk_fold.applied(images) if self.trunk_fold is not None else nullcontext():
+            feat, m, pos = self.backbone(images, mask)
         with flat_cast(self.flat_cast_targets):
             hs = self.transformer(self.input_proj(feat), m, self.query_embed.weight, pos)  # [L, B, Q, d]
             logits = self.class_embed(hs)  # [L, B, Q, C+1]

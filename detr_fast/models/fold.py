@@ -23,6 +23,8 @@ in one detr_fast.ops.bias_act call.
 """
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -41,9 +43,14 @@ def _key(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t._version, t.device, t.dtype
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (x's device)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _may_cache(x: torch.Tensor) -> bool:
     """Host-side caches are bypassed while torch.compile traces and while a CUDA graph is being captured."""
-    return not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+    return not torch.compiler.is_compiling() and not _capturing(x)
 
 
 def _autocast_dtype(x: torch.Tensor, t: torch.Tensor) -> torch.dtype:
@@ -69,6 +76,8 @@ class FoldedConv2d(nn.Module):
         self.fused_relu = False
         object.__setattr__(self, "_bn", bn)  # not a submodule: its buffers stay under the BN's own name
         self._cache: dict = {}  # name -> (key, value, pinned storages); not a buffer: the state dict is unchanged
+        # (folded weight or None, scale [C, 1, 1, 1], shift, shift in the operand dtype or None): lent by TrunkFold
+        self._lent = None
 
     def _apply(self, *args, **kwargs):
         self._cache.clear()  # .to() / .cuda() / .double(): the keys would miss anyway; free the old tensors now
@@ -93,6 +102,11 @@ class FoldedConv2d(nn.Module):
     def _folded(self, x: torch.Tensor, cast_shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(W * scale, shift) for the convolution of x. cast_shift: shift in the convolution's operand dtype (for
         F.conv2d's bias) rather than the BN's own."""
+        if self._lent is not None:  # computed with every other convolution of the trunk (TrunkFold, in a capture)
+            weight, scale, shift, shift_low = self._lent
+            if weight is None:  # trainable: the gradient reaches W through the product
+                weight = self.weight * scale
+            return weight, shift_low if cast_shift and shift_low is not None else shift
         bn, w = self._bn, self.weight
         bufs = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if not _may_cache(x) or any(t.requires_grad for t in bufs):
@@ -140,6 +154,111 @@ def _as_folded_bn(bn: FrozenBatchNorm2d) -> FoldedFrozenBatchNorm2d:
     for name in ("weight", "bias", "running_mean", "running_var"):
         getattr(new, name).copy_(getattr(bn, name))
     return new
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor stored channels_last (and not also plainly contiguous, as 1x1 kernels can be)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _flatten(t: torch.Tensor) -> torch.Tensor:
+    """t's elements in its memory order (a view when t is dense in its layout); each output channel's elements stay
+    one contiguous run of fan_in values in either layout."""
+    return t.permute(0, 2, 3, 1).reshape(-1) if _channels_last(t) else t.reshape(-1)
+
+
+def _unflatten(flat: torch.Tensor, numels: list, shapes: list, cl: list) -> tuple:
+    """Views of flat shaped (and strided, channels_last where cl) as the tensors _flatten took."""
+    out = []
+    for v, s, c in zip(flat.split(numels), shapes, cl):
+        out.append(v.view(s[0], s[2], s[3], s[1]).permute(0, 3, 1, 2) if c else v.view(s))
+    return tuple(out)
+
+
+class TrunkFold:
+    """The folding of every FoldedConv2d of a trunk at once, for a forward that cannot use the per-convolution
+    caches: while a CUDA graph is captured (model.flat_cast with fold_bn).
+
+    There each convolution would compute its scale and shift from the BatchNorm buffers inline (about five kernels)
+    and fold and cast a frozen weight (two more), some 300 kernels per replay for ResNet-50. TrunkFold concatenates
+    the buffers and computes every scale and shift in one pass, folds and casts the frozen weights in one more, and
+    lends each convolution its slices for the forward (FoldedConv2d._lent); a trainable weight is still multiplied
+    by its scale on its own (the product is its gradient's path, and one flat product would move twice the bytes).
+    About fifteen kernels in all, every one reading the buffers themselves, as the captured graph must. The values
+    are bit-identical to the per-convolution path. Eager forwards keep the caches (no kernels at all) and
+    torch.compile traces the per-convolution path; TrunkFold also stands aside when the BatchNorms do not share one
+    eps and the weights' dtype and device, or when their buffers require gradients."""
+
+    def __init__(self, module: nn.Module):
+        self.convs = [m for m in module.modules() if isinstance(m, FoldedConv2d)]
+        self._repeats: dict = {}
+
+    def _usable(self) -> bool:
+        w0, bn0 = self.convs[0].weight, self.convs[0]._bn
+        for c in self.convs:
+            bn = c._bn
+            bufs = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
+            if bn.eps != bn0.eps or c.weight.dtype != w0.dtype or c.weight.device != w0.device or any(
+                    t.dtype != w0.dtype or t.device != w0.device or t.requires_grad for t in bufs):
+                return False
+        return True
+
+    def _repeats_for(self, convs: list, device) -> tuple[torch.Tensor, int]:
+        """(fan_in of each output channel [C] int64 on device, total elements). Made on the first call for a set of
+        shapes (an eager warm-up step runs before any capture) and kept."""
+        key = (device, tuple(tuple(c.weight.shape) for c in convs))
+        hit = self._repeats.get(key)
+        if hit is None:
+            reps = [math.prod(c.weight.shape[1:]) for c in convs for _ in range(c.weight.shape[0])]
+            hit = (torch.tensor(reps, dtype=torch.int64, device=device), sum(c.weight.numel() for c in convs))
+            self._repeats[key] = hit
+        return hit
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Fills what a later capture needs from the host (the repeats tensors); called on eager forwards."""
+        if self.convs and self._usable():
+            frozen = [c for c in self.convs if not c.weight.requires_grad]
+            if frozen:
+                self._repeats_for(frozen, frozen[0].weight.device)
+
+    @contextmanager
+    def applied(self, x: torch.Tensor):
+        if not self.convs or torch.compiler.is_compiling() or not self._usable():
+            yield
+            return
+        if not _capturing(x):
+            self.prepare(x)
+            yield
+            return
+        w0 = self.convs[0].weight
+        wdt = _autocast_dtype(x, w0)
+        frozen = [c for c in self.convs if not c.weight.requires_grad]
+        order = frozen + [c for c in self.convs if c.weight.requires_grad]
+        bns = [c._bn for c in order]
+        chans = [c.weight.shape[0] for c in order]
+        with torch.no_grad():
+            var = torch.cat([bn.running_var for bn in bns])
+            scale = torch.cat([bn.weight for bn in bns]) * (var + bns[0].eps).rsqrt()
+            shift = torch.cat([bn.bias for bn in bns]) - torch.cat([bn.running_mean for bn in bns]) * scale
+            shifts = shift.split(chans)
+            lows = shift.to(wdt).split(chans) if wdt != shift.dtype else [None] * len(order)
+            weights = [None] * len(order)
+            if frozen:
+                reps, n = self._repeats_for(frozen, w0.device)
+                c_frozen = sum(chans[:len(frozen)])
+                ws = [c.weight for c in frozen]
+                flat = torch.cat([_flatten(w) for w in ws])
+                flat.mul_(scale[:c_frozen].repeat_interleave(reps, output_size=n))  # no host read of the repeats
+                weights[:len(frozen)] = _unflatten(flat.to(wdt), [w.numel() for w in ws], [w.shape for w in ws],
+                                                   [_channels_last(w) for w in ws])
+        scales = [s.view(-1, 1, 1, 1) for s in scale.split(chans)]
+        try:
+            for c, w, sc, t, t_low in zip(order, weights, scales, shifts, lows):
+                c._lent = (w, sc, t, t_low)
+            yield
+        finally:
+            for c in order:
+                c._lent = None
 
 
 def fold_frozen_bn(module: nn.Module) -> int:
