@@ -22,10 +22,14 @@ def test_graphed_step_needs_cuda_inputs():
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_graphed_step_equals_eager_steps(amp):
+@pytest.mark.parametrize("amp,extra", [("none", ()), ("bf16", ()),
+                                       ("bf16", ("model.flat_cast=true", "model.packed_proj=true",
+                                                 "model.fused_norm=true", "model.fused_bias_act=true"))],
+                         ids=["none", "bf16", "bf16_fused"])
+def test_graphed_step_equals_eager_steps(amp, extra):
     """Same initial weights, the same 3 warm-up steps, then 3 more steps eagerly and as graph replays on new batches
-    of the captured shape: the same losses and the same weights at the end."""
+    of the captured shape: the same losses and the same weights at the end (with every fusion too: the captured
+    step folds the trunk through TrunkFold, the eager one through the per-convolution caches)."""
     from detr_fast.ops import has_kernel
 
     if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")):
@@ -33,13 +37,13 @@ def test_graphed_step_equals_eager_steps(amp):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    _, base, _ = build(OVER, "fast_fp32", "cuda")
+    _, base, _ = build(OVER + list(extra), "fast_fp32", "cuda")
     state = {k: v.clone() for k, v in base.state_dict().items()}
     first = make_batch(2, 96, 128, 7, "cuda", seed=1, min_targets=5, max_targets=5)
     later = [make_batch(2, 96, 128, 7, "cuda", seed=s, min_targets=5, max_targets=5) for s in (2, 3, 4)]
     results = []
     for graphed in (False, True):
-        cfg, model, criterion = build(OVER, "fast_fp32", "cuda")
+        cfg, model, criterion = build(OVER + list(extra), "fast_fp32", "cuda")
         model.load_state_dict(state)
         step = make_step(model, criterion, cfg, amp, "cuda", fused_opt=True, capturable=True)
         if graphed:

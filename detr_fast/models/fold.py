@@ -191,7 +191,7 @@ class TrunkFold:
 
     def __init__(self, module: nn.Module):
         self.convs = [m for m in module.modules() if isinstance(m, FoldedConv2d)]
-        self._repeats: dict = {}
+        self._index: dict = {}
 
     def _usable(self) -> bool:
         w0, bn0 = self.convs[0].weight, self.convs[0]._bn
@@ -203,23 +203,25 @@ class TrunkFold:
                 return False
         return True
 
-    def _repeats_for(self, convs: list, device) -> tuple[torch.Tensor, int]:
-        """(fan_in of each output channel [C] int64 on device, total elements). Made on the first call for a set of
-        shapes (an eager warm-up step runs before any capture) and kept."""
+    def _channel_index(self, convs: list, device) -> torch.Tensor:
+        """For each element of the convs' weights in _flatten order, its output channel among all of theirs: [n]
+        int64 on device. Made on the host on the first call for a set of shapes (an eager warm-up step runs before
+        any capture) and kept; the frozen weights it serves are small (ResNet-50: 0.2 M elements)."""
         key = (device, tuple(tuple(c.weight.shape) for c in convs))
-        hit = self._repeats.get(key)
+        hit = self._index.get(key)
         if hit is None:
-            reps = [math.prod(c.weight.shape[1:]) for c in convs for _ in range(c.weight.shape[0])]
-            hit = (torch.tensor(reps, dtype=torch.int64, device=device), sum(c.weight.numel() for c in convs))
-            self._repeats[key] = hit
+            chans = torch.arange(sum(c.weight.shape[0] for c in convs))
+            reps = torch.tensor([math.prod(c.weight.shape[1:]) for c in convs for _ in range(c.weight.shape[0])])
+            hit = chans.repeat_interleave(reps).to(device)
+            self._index[key] = hit
         return hit
 
     def prepare(self, x: torch.Tensor) -> None:
-        """Fills what a later capture needs from the host (the repeats tensors); called on eager forwards."""
+        """Makes what a later capture needs from the host (the channel index); called on eager forwards."""
         if self.convs and self._usable():
             frozen = [c for c in self.convs if not c.weight.requires_grad]
             if frozen:
-                self._repeats_for(frozen, frozen[0].weight.device)
+                self._channel_index(frozen, frozen[0].weight.device)
 
     @contextmanager
     def applied(self, x: torch.Tensor):
@@ -244,11 +246,9 @@ class TrunkFold:
             lows = shift.to(wdt).split(chans) if wdt != shift.dtype else [None] * len(order)
             weights = [None] * len(order)
             if frozen:
-                reps, n = self._repeats_for(frozen, w0.device)
-                c_frozen = sum(chans[:len(frozen)])
                 ws = [c.weight for c in frozen]
                 flat = torch.cat([_flatten(w) for w in ws])
-                flat.mul_(scale[:c_frozen].repeat_interleave(reps, output_size=n))  # no host read of the repeats
+                flat.mul_(scale.index_select(0, self._channel_index(frozen, w0.device)))  # frozen channels come first
                 weights[:len(frozen)] = _unflatten(flat.to(wdt), [w.numel() for w in ws], [w.shape for w in ws],
                                                    [_channels_last(w) for w in ws])
         scales = [s.view(-1, 1, 1, 1) for s in scale.split(chans)]
