@@ -90,7 +90,7 @@ fi
 if [ -f benchmarks/bench_attention.py ]; then
   stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 --json "$OUT/bench_attention.json"
 fi
-stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" --breakdown \
+stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" --breakdown --count-ops \
   --json "$OUT/bench_step.json"
 # PNG charts of the kernel speedups and the step breakdown (benchmarks/plot_results.py), from whichever JSON exists
 CHART_ARGS=()

@@ -173,3 +173,26 @@ def test_backbone_weights_from_local_file(tmp_path):
     torch.save({"bogus.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="do not fit"):
         build_detr(small_cfg(**{"model.backbone": "resnet18", "model.backbone_weights": str(path)}))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_decoder_outputs_are_each_layer_through_the_final_norm(dtype):
+    """The decoder normalizes its stacked layer outputs in one call: the same values, bit for bit, as the final
+    LayerNorm applied to each layer's output on its own (DETR's definition)."""
+    from detr_fast.models.transformer import Transformer
+
+    torch.manual_seed(int(torch.randint(0, 1000, ())))
+    t = Transformer(32, 4, 2, 3, 48, 0.0, attn_impl="fused").to(dtype)
+    B, h, w, Q = 2, 5, 7, 6
+    src, pos = torch.randn(B, 32, h, w, dtype=dtype), torch.randn(B, 32, h, w, dtype=dtype)
+    mask = torch.zeros(B, h, w, dtype=torch.bool)
+    mask[1, 3:] = True
+    query = torch.randn(Q, 32, dtype=dtype)
+    hs = t(src, mask, query, pos)
+    flat_pos, flat_mask = pos.flatten(2).transpose(1, 2), mask.flatten(1)
+    memory = t.encoder(src.flatten(2).transpose(1, 2), flat_mask, flat_pos)
+    tgt, want = torch.zeros(B, Q, 32, dtype=dtype), []
+    for layer in t.decoder.layers:
+        tgt = layer(tgt, memory, flat_mask, flat_pos, query.expand(B, -1, -1))
+        want.append(t.decoder.norm(tgt))
+    assert hs.shape == (3, B, Q, 32) and torch.equal(hs, torch.stack(want))
