@@ -207,7 +207,7 @@ class TrunkFold:
         """For each element of the convs' weights in _flatten order, its output channel among all of theirs: [n]
         int64 on device. Made on the host on the first call for a set of shapes (an eager warm-up step runs before
         any capture) and kept; the frozen weights it serves are small (ResNet-50: 0.2 M elements)."""
-        key = (device, tuple(tuple(c.weight.shape) for c in convs))
+        key = (device, tuple(id(c) for c in convs))  # the convolutions' shapes are fixed; which are frozen is not
         hit = self._index.get(key)
         if hit is None:
             chans = torch.arange(sum(c.weight.shape[0] for c in convs))
@@ -216,20 +216,23 @@ class TrunkFold:
             self._index[key] = hit
         return hit
 
-    def prepare(self, x: torch.Tensor) -> None:
-        """Makes what a later capture needs from the host (the channel index); called on eager forwards."""
-        if self.convs and self._usable():
-            frozen = [c for c in self.convs if not c.weight.requires_grad]
-            if frozen:
-                self._channel_index(frozen, frozen[0].weight.device)
+    def prepare(self) -> None:
+        """Makes what a later capture needs from the host (the channel index); called on eager forwards (a dict
+        lookup once made: no device work, little host time)."""
+        frozen = [c for c in self.convs if not c.weight.requires_grad]
+        if frozen:
+            self._channel_index(frozen, frozen[0].weight.device)
 
     @contextmanager
     def applied(self, x: torch.Tensor):
-        if not self.convs or torch.compiler.is_compiling() or not self._usable():
+        if not self.convs or torch.compiler.is_compiling():
             yield
             return
         if not _capturing(x):
-            self.prepare(x)
+            self.prepare()
+            yield
+            return
+        if not self._usable():
             yield
             return
         w0 = self.convs[0].weight
