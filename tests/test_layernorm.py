@@ -263,6 +263,15 @@ def test_opcheck(device):
                           (torch.randn_like(out), x.detach(), residual.detach(), weight.detach(), mean, rstd, 0.25,
                            rng))
     torch.library.opcheck(torch.ops.detr_fast.add_dropout_layernorm_mask.default, (rng, 15, 40, 0.25))
+    # the mixed case: a bf16 x with the fp32 residual (fake outputs in the residual's dtype, x's gradient in x's)
+    xb = x.detach().bfloat16().requires_grad_(True)
+    torch.library.opcheck(torch.ops.detr_fast.add_dropout_layernorm.default,
+                          (xb, residual, weight, bias, 0.25, 1e-5, 77, 3))
+    out, mean, rstd, rng = torch.ops.detr_fast.add_dropout_layernorm(xb, residual, weight, bias, 0.25, 1e-5, 77, 3)
+    assert out.dtype == torch.float32
+    torch.library.opcheck(torch.ops.detr_fast.add_dropout_layernorm_backward.default,
+                          (torch.randn_like(out), xb.detach(), residual.detach(), weight.detach(), mean, rstd, 0.25,
+                           rng))
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
