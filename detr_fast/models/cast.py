@@ -9,6 +9,10 @@ own, every gradient converted back element by element, and a gradient summed ove
 summed in the low precision, as autocast's weight cache does. Outputs and gradients are therefore bit-identical to
 plain autocast (tests/test_flat_cast.py). Without autocast, for parameters that are not float32, or while
 torch.compile traces (Inductor fuses the casts itself), nothing changes.
+
+One consequence for DistributedDataParallel: the gradients of all these parameters are produced together, when the
+backward reaches the input projection (the one cast's backward needs all of its inputs' gradients), so DDP's
+all-reduce of them starts there rather than layer by layer.
 """
 from __future__ import annotations
 
