@@ -1,5 +1,9 @@
-"""Shared test helpers: device parametrization whose CUDA case is skipped without a GPU; a Python Philox4x32-10."""
+"""Shared test helpers: device parametrization whose CUDA case is skipped without a GPU; a Python Philox4x32-10; an
+operator counter."""
+import collections
+
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def cpu_and_cuda():
@@ -17,3 +21,15 @@ def philox4x32_10(ctr, key):
         p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
         c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & M, p1 & M, ((p0 >> 32) ^ c3 ^ k1) & M, p0 & M
     return c0, c1, c2, c3
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched inside the block: ops[name] (e.g. "aten._to_copy")."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))

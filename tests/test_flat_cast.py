@@ -1,6 +1,5 @@
 """model.flat_cast: one cast kernel for the transformer's and heads' matrix weights per forward (and one for their
 gradients per backward) gives results bit-identical to plain autocast, and only then is it active."""
-import collections
 import copy
 import sys
 from contextlib import nullcontext
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpCounter
 
 from detr_fast.config import load_config
 from detr_fast.models import build_detr
@@ -21,23 +20,13 @@ OVER = ["model.num_classes=7", "model.backbone=resnet18", "model.hidden_dim=64",
         "model.enc_layers=2", "model.dec_layers=3", "model.dim_feedforward=96", "model.num_queries=11"]
 
 
-class _Casts(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _step(extra, seed, batch, amp=torch.bfloat16, count=False, grad=True, variant="fast", warm=False):
     """One forward + loss + backward of a bench_step variant (fast: fused attention core, folded trunk; ref_fp32:
     nn.MultiheadAttention's math, unfolded trunk) under CPU autocast; dropout drawn from `seed`."""
     torch.manual_seed(0)
     cfg, model, criterion = build(OVER + list(extra), variant, "cpu")
     images, mask, targets = batch
-    counter = _Casts()
+    counter = OpCounter()
     if warm:  # one forward first: the caches filled, so the count is of a later step
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
             model(images, mask)
@@ -103,7 +92,7 @@ def test_flat_cast_is_a_no_op_without_autocast_or_in_fp64():
         model.use_flat_cast(on)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(images.double(), mask)  # fills the folded-BatchNorm caches
-        with torch.autocast("cpu", dtype=torch.bfloat16), _Casts() as c:
+        with torch.autocast("cpu", dtype=torch.bfloat16), OpCounter() as c:
             out = model(images.double(), mask)
         assert out["pred_boxes"].dtype == torch.float64
         counts.append(c.ops)

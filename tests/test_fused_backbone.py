@@ -1,12 +1,11 @@
 """model.fused_bias_act: the folded ResNet trunk with each conv's bias, ReLUs and residual adds as bias_act calls
 computes the unfused trunk's function (outputs and gradients), keeps its state dict, and its cached folded
 scale/shift/weight never go stale."""
-import collections
 import copy
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpCounter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_fast.config import ConfigError, load_config
@@ -216,16 +215,6 @@ def test_cache_survives_inference_mode_and_is_bypassed_when_compiling(monkeypatc
     assert not any(m._cache for m in body2.modules() if isinstance(m, FoldedConv2d))
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_cached_folded_conv_dispatches_only_the_convolution():
     torch.manual_seed(0)
     body = Backbone("resnet18", train_backbone=True, frozen_bn=True).body
@@ -235,13 +224,13 @@ def test_cached_folded_conv_dispatches_only_the_convolution():
                               (trainable, 128, {"aten.convolution": 1, "aten.mul": 1})):
         x = torch.randn(1, cin, 9, 11)
         conv(x)
-        with _Ops() as c:
+        with OpCounter() as c:
             conv(x)
         assert dict(c.ops) == expect
         xb = x.bfloat16()
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the casts autocast would do are cached
             conv(xb)
-            with _Ops() as c:
+            with OpCounter() as c:
                 y = conv(xb)
         assert y.dtype == torch.bfloat16
         assert dict(c.ops) == (expect if conv is frozen else {**expect, "aten._to_copy": 1})

@@ -1,12 +1,11 @@
 """model.packed_proj: q and k of each self-attention from one matrix product, the keys and values of every decoder
 cross-attention from two, up front. Same parameters, same function (to rounding), fewer kernels."""
-import collections
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpCounter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_step import build, make_batch  # noqa: E402
@@ -16,23 +15,13 @@ OVER = ["model.num_classes=7", "model.backbone=resnet18", "model.hidden_dim=64",
         f"model.enc_layers={ENC}", f"model.dec_layers={DEC}", "model.dim_feedforward=96", "model.num_queries=11"]
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func.overloadpacket)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _run(extra, batch, dtype=torch.float32, seed=0, amp=False, count=False, variant="fast_fp32"):
     """fast_fp32: our kernels with the fused attention core (its C++ kernel here), autocast as asked."""
     torch.manual_seed(0)
     cfg, model, criterion = build(OVER + list(extra), variant, "cpu")
     model = model.to(dtype)
     images, mask, targets = batch
-    counter = _Ops()
+    counter = OpCounter()
     torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         if count:
