@@ -47,10 +47,34 @@ inline at::ScalarType out_dtype(const at::Tensor& q) {
   return (dt == at::kHalf || dt == at::kBFloat16) ? at::kFloat : dt;
 }
 
-// out_f32 of the forward: fp32 [B, H, Lq, D] for fp16/bf16 inputs, an empty fp32 tensor otherwise.
+// An [B, H, L, D] tensor laid out [B, L, H, D] ("BLHD"): the layout of every output and gradient of the op (out,
+// out_f32, dq, dk, dv), so that x.transpose(1, 2) is the [B, L, H * D] activation of the neighbouring projection,
+// a view, and a gradient coming back from that projection is already in this layout.
+inline at::Tensor empty_blhd(at::IntArrayRef size, const at::TensorOptions& options) {
+  return at::empty({size[0], size[2], size[1], size[3]}, options).transpose(1, 2);
+}
+
+// Whether t [B, H, L, D] is laid out BLHD (dimensions of size 1 may have any stride).
+inline bool is_blhd(const at::Tensor& t) {
+  const int64_t H = t.size(1), L = t.size(2), D = t.size(3);
+  const int64_t want[4] = {L * H * D, D, H * D, 1};
+  for (int d = 0; d < 4; ++d)
+    if (t.size(d) > 1 && t.stride(d) != want[d]) return false;
+  return true;
+}
+
+// t itself when laid out BLHD, else a BLHD copy.
+inline at::Tensor as_blhd(const at::Tensor& t) {
+  if (is_blhd(t)) return t;
+  at::Tensor c = empty_blhd(t.sizes(), t.options());
+  c.copy_(t);
+  return c;
+}
+
+// out_f32 of the forward: fp32 [B, H, Lq, D] (BLHD) for fp16/bf16 inputs, an empty fp32 tensor otherwise.
 inline at::Tensor make_out_f32(const at::Tensor& q) {
   return out_dtype(q) == q.scalar_type() ? at::empty({0}, q.options().dtype(at::kFloat))
-                                         : at::empty(q.sizes(), q.options().dtype(at::kFloat));
+                                         : empty_blhd(q.sizes(), q.options().dtype(at::kFloat));
 }
 
 inline void check_attention_backward_inputs(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

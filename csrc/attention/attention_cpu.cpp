@@ -41,6 +41,11 @@ Rng cpu_dropout_state(double dropout_p, std::optional<int64_t> seed, int64_t off
 
 bool key_padded(const bool* mask, int64_t b, int64_t Lk, int64_t j) { return mask != nullptr && mask[b * Lk + j]; }
 
+// Offset of row i of slice bh = b * H + h in a BLHD [B, H, L, D] tensor (attention_common.h: empty_blhd).
+int64_t blhd_row(int64_t bh, int64_t i, int64_t H, int64_t L, int64_t D) {
+  return ((bh / H * L + i) * H + bh % H) * D;
+}
+
 // (b, h) slices per task: small problems run on one thread instead of waking the pool.
 int64_t grain(int64_t Lq, int64_t Lk, int64_t D) {
   return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, Lq * Lk * D));
@@ -76,11 +81,12 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           s[j] = dot * scale;
           mx = std::max(mx, s[j]);
         }
-        scalar_t* oi = op + (bh * Lq + i) * D;
+        const int64_t orow = blhd_row(bh, i, H, Lq, D);
+        scalar_t* oi = op + orow;
         if (mx == -std::numeric_limits<acc_t>::infinity()) {  // no unpadded key: output 0, lse -inf
           for (int64_t d = 0; d < D; ++d) oi[d] = scalar_t(0);
           if (out_f32 != nullptr)
-            for (int64_t d = 0; d < D; ++d) out_f32[(bh * Lq + i) * D + d] = 0.f;
+            for (int64_t d = 0; d < D; ++d) out_f32[orow + d] = 0.f;
           lp[bh * Lq + i] = mx;
           continue;
         }
@@ -99,7 +105,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         }
         for (int64_t d = 0; d < D; ++d) oi[d] = static_cast<scalar_t>(o[d]);
         if (out_f32 != nullptr)
-          for (int64_t d = 0; d < D; ++d) out_f32[(bh * Lq + i) * D + d] = static_cast<float>(o[d]);
+          for (int64_t d = 0; d < D; ++d) out_f32[orow + d] = static_cast<float>(o[d]);
         lp[bh * Lq + i] = mx + std::log(sum);
       }
     }
@@ -137,7 +143,7 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor
       std::fill(dv_acc.begin(), dv_acc.end(), acc_t(0));
       for (int64_t i = 0; i < Lq; ++i) {
         const scalar_t* qi = qp + (bh * Lq + i) * D;
-        const scalar_t* gi = gp + (bh * Lq + i) * D;
+        const scalar_t* gi = gp + blhd_row(bh, i, H, Lq, D);  // grad_out BLHD (made so by the caller)
         const acc_t lse_i = lp[bh * Lq + i];
         std::fill(dqi.begin(), dqi.end(), acc_t(0));
         if (lse_i != -std::numeric_limits<acc_t>::infinity()) {
@@ -168,11 +174,14 @@ void backward_kernel(const at::Tensor& go, const at::Tensor& q, const at::Tensor
             }
           }
         }
-        for (int64_t d = 0; d < D; ++d) dqp[(bh * Lq + i) * D + d] = static_cast<scalar_t>(dqi[d]);
+        for (int64_t d = 0; d < D; ++d) dqp[blhd_row(bh, i, H, Lq, D) + d] = static_cast<scalar_t>(dqi[d]);
       }
-      for (int64_t e = 0; e < Lk * D; ++e) {
-        dkp[bh * Lk * D + e] = static_cast<scalar_t>(dk_acc[e]);
-        dvp[bh * Lk * D + e] = static_cast<scalar_t>(dv_acc[e]);
+      for (int64_t j = 0; j < Lk; ++j) {
+        const int64_t krow = blhd_row(bh, j, H, Lk, D);
+        for (int64_t d = 0; d < D; ++d) {
+          dkp[krow + d] = static_cast<scalar_t>(dk_acc[j * D + d]);
+          dvp[krow + d] = static_cast<scalar_t>(dv_acc[j * D + d]);
+        }
       }
     }
   });
@@ -191,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cpu(const a
                                                              int64_t offset) {
   check_attention_inputs(q_in, k_in, v_in, mask, dropout_p);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_blhd(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(lse_dtype(q)));
   at::Tensor out_f32 = make_out_f32(q);
   float* of = out_f32.numel() > 0 ? out_f32.mutable_data_ptr<float>() : nullptr;
@@ -213,10 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& rng_state) {
   check_attention_backward_inputs(grad_out, q_in, k_in, v_in, out, lse_in, mask, dropout_p, rng_state);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  const at::Tensor go = grad_out.contiguous(), lse = lse_in.contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  const at::Tensor go = as_blhd(grad_out), lse = lse_in.contiguous();
+  at::Tensor dq = empty_blhd(q.sizes(), q.options());
+  at::Tensor dk = empty_blhd(k.sizes(), k.options());
+  at::Tensor dv = empty_blhd(v.sizes(), v.options());
   const at::Tensor rs = rng_state.contiguous();
   Rng rng;
   rng.seed = static_cast<uint64_t>(rs.const_data_ptr<int64_t>()[0]);

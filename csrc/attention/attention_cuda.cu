@@ -80,6 +80,21 @@ AttnParams base_params(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return p;
 }
 
+// BLHD (see empty_blhd) with a 16-byte aligned base, as the kernels read out / dout and out_f32 / o.
+at::Tensor blhd_aligned(const at::Tensor& t) {
+  at::Tensor c = as_blhd(t);
+  if (aligned16(c)) return c;
+  at::Tensor a = empty_blhd(c.sizes(), c.options());
+  a.copy_(c);
+  return a;
+}
+
+// The BLHD element strides (b, h, row) of a [B, H, L, D] tensor, whatever the strides of its size-1 dimensions.
+void blhd_strides(const at::Tensor& t, int64_t& sb, int64_t& sh, int64_t& sl) {
+  const int64_t H = t.size(1), L = t.size(2), D = t.size(3);
+  sb = L * H * D, sh = D, sl = H * D;
+}
+
 at::Tensor mask_layout(const std::optional<at::Tensor>& mask) {
   return (mask.has_value() && mask->defined()) ? mask->contiguous() : at::Tensor();
 }
@@ -108,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda(
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const at::Tensor mask = mask_layout(mask_in);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = empty_blhd(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   at::Tensor rng_state = at::empty({2}, q.options().dtype(at::kLong));
   at::Tensor out_f32 = make_out_f32(q);
@@ -126,6 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_cuda(
     }
   }
   AttnParams p = base_params(q, k, v, mask, dropout_p);
+  blhd_strides(out, p.oq_sb, p.oq_sh, p.oq_sl);  // out and out_f32
   p.philox = philox;
   p.rng_out = rng_state.mutable_data_ptr<int64_t>();
   p.out = out.data_ptr();
@@ -152,13 +168,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cuda(
   c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = kernel_layout(q_in), k = kernel_layout(k_in), v = kernel_layout(v_in);
   const at::Tensor mask = mask_layout(mask_in);
-  const at::Tensor go = contiguous_aligned(grad_out), o = contiguous_aligned(out);
+  // grad_out arrives BLHD from the output projection's backward (no copy); out is the forward's own
+  const at::Tensor go = blhd_aligned(grad_out), o = blhd_aligned(out);
   const at::Tensor lse_c = lse.contiguous(), rng = rng_state.contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = empty_blhd(q.sizes(), q.options());
+  at::Tensor dk = empty_blhd(k.sizes(), k.options());
+  at::Tensor dv = empty_blhd(v.sizes(), v.options());
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AttnParams p = base_params(q, k, v, mask, dropout_p);
+  blhd_strides(dq, p.oq_sb, p.oq_sh, p.oq_sl);  // dq, dout and o
+  blhd_strides(dk, p.ok_sb, p.ok_sh, p.ok_sl);  // dk and dv
   p.rng_in = rng.const_data_ptr<int64_t>();
   p.o = o.const_data_ptr<float>();
   p.dout = go.data_ptr();

@@ -25,21 +25,27 @@ struct AttnParams {
   float keep_scale;  // 1 / (1 - dropout_p)
   uint32_t threshold;  // a weight is kept when its Philox word >= threshold
   bool dropout;
+  // Element strides (b, h, row; unit in D) shared by every [B, H, Lq, D] output and gradient (out, out_f32, o,
+  // dout, dq) and by dk / dv ([B, H, Lk, D]). The host lays them out [B, L, H, D] ("BLHD": row stride H * D), so
+  // that out.transpose(1, 2) is the [B, L, H * D] input of the output projection, and the gradients arriving from
+  // and returned to the projections need no reordering copy.
+  int64_t oq_sb, oq_sh, oq_sl;
+  int64_t ok_sb, ok_sh, ok_sl;
   // Forward.
   at::PhiloxCudaState philox;  // unpacked in the kernel (CUDA-graph safe)
   int64_t* rng_out;            // [2] (seed, offset), written by the forward
-  void* out;                   // [B, H, Lq, D] contiguous
-  float* lse;                  // [B, H, Lq] natural log; -inf for a query without unpadded keys
-  float* out_f32;              // [B, H, Lq, D] fp32 copy of out before rounding (fp16/bf16), or nullptr
+  void* out;                   // [B, H, Lq, D], strides oq_*
+  float* lse;                  // [B, H, Lq] contiguous, natural log; -inf for a query without unpadded keys
+  float* out_f32;              // [B, H, Lq, D] fp32 copy of out before rounding (fp16/bf16), or nullptr; oq_*
   // Backward.
   const int64_t* rng_in;  // [2] (seed, offset) from the forward
-  const float* o;         // forward output before rounding [B, H, Lq, D] fp32 contiguous
-  const void* dout;       // [B, H, Lq, D] contiguous
-  const float* lse_in;    // [B, H, Lq]
-  float* delta;           // [B, H, Lq] scratch: rowsum(dout * out)
-  void* dq;               // [B, H, Lq, D] contiguous
-  void* dk;               // [B, H, Lk, D] contiguous
-  void* dv;               // [B, H, Lk, D] contiguous
+  const float* o;         // forward output before rounding [B, H, Lq, D] fp32, strides oq_*
+  const void* dout;       // [B, H, Lq, D], strides oq_*
+  const float* lse_in;    // [B, H, Lq] contiguous
+  float* delta;           // [B, H, Lq] contiguous scratch: rowsum(dout * out)
+  void* dq;               // [B, H, Lq, D], strides oq_*
+  void* dk;               // [B, H, Lk, D], strides ok_*
+  void* dv;               // [B, H, Lk, D], strides ok_*
 };
 
 // T is __half or __nv_bfloat16 (tensor-core kernels) or float (FMA kernels); D is 32 or 64.

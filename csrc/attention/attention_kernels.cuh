@@ -224,6 +224,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
   }
 
   T* ob = static_cast<T*>(p.out);
+  const int64_t obase = static_cast<int64_t>(b) * p.oq_sb + static_cast<int64_t>(h) * p.oq_sh;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
@@ -232,7 +233,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
     const int row = row0 + 8 * r;
     if (row >= p.Lq) continue;
     const float inv = l > 0.f ? p.keep_scale / l : 0.f;
-    const int64_t base = (static_cast<int64_t>(bh) * p.Lq + row) * D;
+    const int64_t base = obase + static_cast<int64_t>(row) * p.oq_sl;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       const float o0 = o[dt][2 * r] * inv, o1 = o[dt][2 * r + 1] * inv;
@@ -267,20 +268,21 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;
-  const T* dob = static_cast<const T*>(p.dout) + row_base * D;
-  const float* ob = p.o + row_base * D;
+  const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;  // lse and delta rows
+  const int64_t obase = static_cast<int64_t>(b) * p.oq_sb + static_cast<int64_t>(h) * p.oq_sh;
+  const T* dob = static_cast<const T*>(p.dout) + obase;
+  const float* ob = p.o + obase;
   const uint64_t seed = static_cast<uint64_t>(p.rng_in[0]), offset = static_cast<uint64_t>(p.rng_in[1]);
 
   load_tile<T, kBlockM, D>(qb, p.q_sl, m0, p.Lq, Ks, nullptr);
-  load_tile<T, kBlockM, D>(dob, D, m0, p.Lq, Vs, nullptr);
+  load_tile<T, kBlockM, D>(dob, p.oq_sl, m0, p.Lq, Vs, nullptr);
   {  // delta = rowsum(dO * O) with O in fp32: two threads per row, D / 2 elements each
     const int r = tid / 2, half = tid % 2, row = m0 + r;
     float acc = 0.f;
     if (row < p.Lq) {
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
-        const int64_t d = static_cast<int64_t>(row) * D + half * (D / 2) + c * 8;
+        const int64_t d = static_cast<int64_t>(row) * p.oq_sl + half * (D / 2) + c * 8;
         const uint4 a = dev::ldg16(dob + d);
         const uint4 o0 = dev::ldg16(ob + d), o1 = dev::ldg16(ob + d + 4);
         const T* ea = reinterpret_cast<const T*>(&a);
@@ -370,14 +372,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
     }
   }
 
-  T* dqb = static_cast<T*>(p.dq) + row_base * D;
+  T* dqb = static_cast<T*>(p.dq) + obase;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + 8 * r;
     if (row >= p.Lq) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dqb + static_cast<int64_t>(row) * D + dt * 8 + 2 * t) =
+      *reinterpret_cast<uint32_t*>(dqb + static_cast<int64_t>(row) * p.oq_sl + dt * 8 + 2 * t) =
           pack2<T>(dq[dt][2 * r] * p.scale, dq[dt][2 * r + 1] * p.scale);
   }
 }
@@ -399,20 +401,21 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   const T* qb = static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh;
   const T* kb = static_cast<const T*>(p.k) + b * p.k_sb + h * p.k_sh;
   const T* vb = static_cast<const T*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;
-  const T* dob = static_cast<const T*>(p.dout) + row_base * D;
+  const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;  // lse and delta rows
+  const T* dob = static_cast<const T*>(p.dout) + static_cast<int64_t>(b) * p.oq_sb + static_cast<int64_t>(h) * p.oq_sh;
   const uint64_t seed = static_cast<uint64_t>(p.rng_in[0]), offset = static_cast<uint64_t>(p.rng_in[1]);
 
-  T* dkb = static_cast<T*>(p.dk) + static_cast<int64_t>(bh) * p.Lk * D;
-  T* dvb = static_cast<T*>(p.dv) + static_cast<int64_t>(bh) * p.Lk * D;
+  const int64_t kbase = static_cast<int64_t>(b) * p.ok_sb + static_cast<int64_t>(h) * p.ok_sh;
+  T* dkb = static_cast<T*>(p.dk) + kbase;
+  T* dvb = static_cast<T*>(p.dv) + kbase;
   if (!dev::block_any(key_bias(p, b, n0 + tid % kBlockN) == 0.f)) {
     // Every key of this block is padded: P = 0 in its columns, so dK = dV = 0.
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     for (int c = tid; c < kBlockN * D / 8; c += kThreads) {
       const int key = n0 + c / (D / 8), d = (c % (D / 8)) * 8;
       if (key >= p.Lk) continue;
-      *reinterpret_cast<uint4*>(dkb + static_cast<int64_t>(key) * D + d) = zero;
-      *reinterpret_cast<uint4*>(dvb + static_cast<int64_t>(key) * D + d) = zero;
+      *reinterpret_cast<uint4*>(dkb + static_cast<int64_t>(key) * p.ok_sl + d) = zero;
+      *reinterpret_cast<uint4*>(dvb + static_cast<int64_t>(key) * p.ok_sl + d) = zero;
     }
     return;
   }
@@ -437,7 +440,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   for (int m0 = 0; m0 < p.Lq; m0 += kBlockM) {
     dev::block_sync();
     load_tile<T, kBlockM, D>(qb, p.q_sl, m0, p.Lq, Qs, Qt);
-    load_tile<T, kBlockM, D>(dob, D, m0, p.Lq, dOs, dOt);
+    load_tile<T, kBlockM, D>(dob, p.oq_sl, m0, p.Lq, dOs, dOt);
     if (tid < kBlockM) {
       lse_s[tid] = lse2_of(p, bh, m0 + tid);
       delta_s[tid] = m0 + tid < p.Lq ? p.delta[row_base + m0 + tid] : 0.f;
@@ -507,7 +510,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
     if (key >= p.Lk) continue;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      const int64_t off = static_cast<int64_t>(key) * D + dt * 8 + 2 * t;
+      const int64_t off = static_cast<int64_t>(key) * p.ok_sl + dt * 8 + 2 * t;
       *reinterpret_cast<uint32_t*>(dkb + off) = pack2<T>(dk[dt][2 * r] * p.scale, dk[dt][2 * r + 1] * p.scale);
       *reinterpret_cast<uint32_t*>(dvb + off) = pack2<T>(dv[dt][2 * r], dv[dt][2 * r + 1]);
     }

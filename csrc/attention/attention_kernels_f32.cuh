@@ -101,7 +101,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const AttnParams p) {
   }
   if (row >= p.Lq) return;
   const float inv = l_run > 0.f ? p.keep_scale / l_run : 0.f;
-  float* ob = static_cast<float*>(p.out) + (static_cast<int64_t>(bh) * p.Lq + row) * D;
+  float* ob = static_cast<float*>(p.out) + static_cast<int64_t>(b) * p.oq_sb + static_cast<int64_t>(h) * p.oq_sh +
+              static_cast<int64_t>(row) * p.oq_sl;
 #pragma unroll
   for (int e = 0; e < 16; ++e) ob[sub + SPLIT * e] = o[e] * inv;
   if (sub == 0)
@@ -119,7 +120,9 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(const AttnParams p) {
   const float* qb = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh;
   const float* kb = static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh;
   const float* vb = static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const int64_t r_off = (static_cast<int64_t>(bh) * p.Lq + row) * D;
+  // this row of dout, o and dq (row < Lq is checked before any access)
+  const int64_t r_off = static_cast<int64_t>(b) * p.oq_sb + static_cast<int64_t>(h) * p.oq_sh +
+                        static_cast<int64_t>(row) * p.oq_sl;
   const float* dob = static_cast<const float*>(p.dout);
   const float* ob = p.o;
   const uint64_t seed = static_cast<uint64_t>(p.rng_in[0]), offset = static_cast<uint64_t>(p.rng_in[1]);
@@ -176,8 +179,9 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const AttnParams p) 
   const float* qb = static_cast<const float*>(p.q) + b * p.q_sb + h * p.q_sh;
   const float* kb = static_cast<const float*>(p.k) + b * p.k_sb + h * p.k_sh;
   const float* vb = static_cast<const float*>(p.v) + b * p.v_sb + h * p.v_sh;
-  const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;
-  const float* dob = static_cast<const float*>(p.dout) + row_base * D;
+  const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;  // lse and delta rows
+  const float* dob =
+      static_cast<const float*>(p.dout) + static_cast<int64_t>(b) * p.oq_sb + static_cast<int64_t>(h) * p.oq_sh;
   const uint64_t seed = static_cast<uint64_t>(p.rng_in[0]), offset = static_cast<uint64_t>(p.rng_in[1]);
   float k[16], v[16], dk[16], dv[16];
 #pragma unroll
@@ -190,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const AttnParams p) 
   for (int m0 = 0; m0 < p.Lq; m0 += kTile) {
     dev::block_sync();
     load_rows<D>(qb, p.q_sl, m0, p.Lq, Qs);
-    load_rows<D>(dob, D, m0, p.Lq, dOs);
+    load_rows<D>(dob, p.oq_sl, m0, p.Lq, dOs);
     if (threadIdx.x < kTile) {
       lse_s[threadIdx.x] = lse2_of(p, bh, m0 + threadIdx.x);
       delta_s[threadIdx.x] = m0 + threadIdx.x < p.Lq ? p.delta[row_base + m0 + threadIdx.x] : 0.f;
@@ -218,7 +222,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const AttnParams p) 
     }
   }
   if (!in) return;
-  const int64_t off = (static_cast<int64_t>(bh) * p.Lk + key) * D;
+  const int64_t off = static_cast<int64_t>(b) * p.ok_sb + static_cast<int64_t>(h) * p.ok_sh +
+                      static_cast<int64_t>(key) * p.ok_sl;
   float* dkb = static_cast<float*>(p.dk) + off;
   float* dvb = static_cast<float*>(p.dv) + off;
 #pragma unroll

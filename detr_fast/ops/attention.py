@@ -4,6 +4,9 @@
 
 q [B, H, Lq, D], k and v [B, H, Lk, D], key_padding_mask [B, Lk] bool (True = padded key, never attended),
 out [B, H, Lq, D] in q's dtype; softmax scale D ** -0.5, fp32 accumulation (fp64 for fp64 inputs on the CPU).
+The kernels lay out out (and the gradients of q, k, v) as [B, Lq, H, D] in memory: out.transpose(1, 2) is the
+[B, Lq, H * D] input of the output projection without a copy, and a gradient arriving in that layout is read as it
+is.
 A query whose keys are all padded gets output 0 and zero gradients, as in reference.attention.
 
 Backends: the CUDA kernels (head dims 32 and 64; fp32, fp16, bf16 with tensor cores for fp16/bf16), the C++ CPU
@@ -86,6 +89,14 @@ def dropout_mask(rng_state, B: int, H: int, Lq: int, Lk: int, dropout_p: float) 
     return torch.ops.detr_fast.attention_dropout_mask(rng_state, B, H, Lq, Lk, float(dropout_p))
 
 
+def empty_blhd(like: torch.Tensor, shape, dtype=None) -> torch.Tensor:
+    """An uninitialized [B, H, L, D] tensor laid out [B, L, H, D], the layout of the kernels' outputs and gradients:
+    out.transpose(1, 2) is then the [B, L, H * D] input of the output projection (a view), and the gradient the
+    projection returns needs no reordering either."""
+    B, H, L, D = shape
+    return like.new_empty((B, L, H, D), dtype=dtype or like.dtype).transpose(1, 2)
+
+
 def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
@@ -96,12 +107,13 @@ def _register() -> None:
         torch._check(q.dim() == 4 and k.dim() == 4 and k.shape == v.shape, lambda: "attention: bad shapes")
         B, H, Lq, _ = q.shape
         low = q.dtype in (torch.float16, torch.bfloat16)
-        return (q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=_lse_dtype(q)),
-                q.new_empty((2,), dtype=torch.int64), q.new_empty(q.shape if low else (0,), dtype=torch.float32))
+        return (empty_blhd(q, q.shape), q.new_empty((B, H, Lq), dtype=_lse_dtype(q)),
+                q.new_empty((2,), dtype=torch.int64),
+                empty_blhd(q, q.shape, torch.float32) if low else q.new_empty((0,), dtype=torch.float32))
 
     @torch.library.register_fake("detr_fast::attention_backward")
     def _attention_backward_fake(grad_out, q, k, v, out, lse, key_padding_mask, dropout_p, rng_state):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        return empty_blhd(q, q.shape), empty_blhd(k, k.shape), empty_blhd(v, v.shape)
 
     @torch.library.register_fake("detr_fast::attention_dropout_mask")
     def _dropout_mask_fake(rng_state, B, H, Lq, Lk, dropout_p):

@@ -196,14 +196,28 @@ void bwd(const AttnParams& p) {
     }                                                                   \
   } while (0)
 
+// [B, H, L, D] laid out [B, L, H, D], as the CUDA entry points allocate the outputs and gradients; its strides.
+at::Tensor blhd(at::IntArrayRef s, const at::TensorOptions& o) {
+  return at::empty({s[0], s[2], s[1], s[3]}, o).transpose(1, 2);
+}
+void strides_of(const at::Tensor& t, int64_t& sb, int64_t& sh, int64_t& sl) {
+  sb = t.size(2) * t.size(1) * t.size(3), sh = t.size(3), sl = t.size(1) * t.size(3);
+}
+at::Tensor to_blhd(const at::Tensor& t) {
+  at::Tensor c = blhd(t.sizes(), t.options());
+  c.copy_(t);
+  return c;
+}
+
 std::vector<at::Tensor> emu_forward(at::Tensor q, at::Tensor k, at::Tensor v, std::optional<at::Tensor> mask,
                                     double dp, int64_t seed, int64_t offset) {
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor out = blhd(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   at::Tensor rng = at::empty({2}, q.options().dtype(at::kLong));
-  at::Tensor out_f32 = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor out_f32 = blhd(q.sizes(), q.options().dtype(at::kFloat));
   AttnParams p = params(q, k, v, m, dp);
+  strides_of(out, p.oq_sb, p.oq_sh, p.oq_sl);
   p.philox = at::PhiloxCudaState(dp > 0 ? seed : 0, dp > 0 ? offset : 0);
   p.rng_out = rng.data_ptr<int64_t>();
   p.out = out.data_ptr();
@@ -216,12 +230,13 @@ std::vector<at::Tensor> emu_forward(at::Tensor q, at::Tensor k, at::Tensor v, st
 std::vector<at::Tensor> emu_backward(at::Tensor go, at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor out,
                                      at::Tensor lse, std::optional<at::Tensor> mask, double dp, at::Tensor rng) {
   at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
-  go = go.contiguous();
-  out = out.contiguous();
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
-             dv = at::empty(v.sizes(), v.options());
+  go = to_blhd(go);
+  out = to_blhd(out);
+  at::Tensor dq = blhd(q.sizes(), q.options()), dk = blhd(k.sizes(), k.options()), dv = blhd(v.sizes(), v.options());
   at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   AttnParams p = params(q, k, v, m, dp);
+  strides_of(dq, p.oq_sb, p.oq_sh, p.oq_sl);
+  strides_of(dk, p.ok_sb, p.ok_sh, p.ok_sl);
   p.rng_in = rng.data_ptr<int64_t>();
   p.o = out.data_ptr<float>();
   p.dout = go.data_ptr();
