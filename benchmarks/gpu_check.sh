@@ -24,14 +24,14 @@ case "${PROFILE:-all}" in
   first)
     DEFAULT_STAGES="wheels build dali_check tests_new bench_step bench_data charts"
     # the decisive variants first (the stage's time limit keeps what finished): reference, plain, all fused, graphs
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_graph,fast_cast,fast_proj,fast_bias,fast_norm ;;
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_bias,fast_norm ;;
   second)
     DEFAULT_STAGES="build validate tests bench_ops bench_assignment bench_attention bench_step charts"
     DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,ref_fp32 ;;  # fast_all against ref_compile in one run
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_graph,fast_cast,fast_proj,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile ;;
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;
 esac
 STAGES=${STAGES:-$DEFAULT_STAGES}

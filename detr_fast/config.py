@@ -113,6 +113,10 @@ class TrainConfig:
     # capture the training step as CUDA graphs (one per padded shape) and replay them: needs a GPU, one process,
     # amp none or bf16, data.pad_to and data.max_targets (fixed shapes) and the CUDA matcher kernels
     cuda_graph: bool = False
+    # cuDNN autotuning (torch.backends.cudnn.benchmark): each new convolution shape is timed once over cuDNN's
+    # algorithms and the fastest kept; pays when shapes repeat (data.pad_to buckets, fixed-size training), costs a
+    # tuning pass per new shape otherwise
+    cudnn_benchmark: bool = False
     time_limit_min: float = 0.0  # 0 = none; else stop before an epoch that would end past it (longest epoch so far)
 
 

@@ -410,6 +410,7 @@ def train(cfg: Config, *, model_fn: Callable | None = None, criterion_fn: Callab
         # TF32 matmuls/convolutions, as in the reference measurements (DESIGN.md section 4)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = t.cudnn_benchmark  # train.cudnn_benchmark (config.py)
     main = dist.is_main_process()
     out_dir = Path(t.output_dir)
     if main:

@@ -26,8 +26,9 @@ def test_shipped_configs_load():
         assert {k: v for k, v in a.items() if (section, k) not in skip} == \
             {k: v for k, v in b.items() if (section, k) not in skip}, section
     graphed = load_config(CONFIGS / "detr_r50_coco_fast.yaml", ["data.pad_to=[640,800,1024,1333]",
-                                                                "data.max_targets=100", "train.cuda_graph=true"])
-    assert graphed.train.cuda_graph
+                                                                "data.max_targets=100", "train.cuda_graph=true",
+                                                                "train.cudnn_benchmark=true"])
+    assert graphed.train.cuda_graph and graphed.train.cudnn_benchmark and not fast.train.cudnn_benchmark
 
 
 def test_overrides_are_type_checked():
