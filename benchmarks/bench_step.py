@@ -162,8 +162,9 @@ def count_syncs(fn, device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-# operators that only make a new tensor header (no kernel, no memory traffic) besides the schema's views
-_NO_KERNEL = {"aten._unsafe_view", "aten.lift_fresh", "aten._reshape_alias", "profiler._record_function_enter_new",
+# operators that only make a new tensor header or allocate (no kernel, no memory traffic) besides the schema's views
+_NO_KERNEL = {"aten._unsafe_view", "aten.lift_fresh", "aten._reshape_alias", "aten.empty", "aten.empty_like",
+              "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided", "profiler._record_function_enter_new",
               "profiler._record_function_exit"}
 
 

@@ -233,7 +233,34 @@ def test_cached_folded_conv_dispatches_only_the_convolution():
             with OpCounter() as c:
                 y = conv(xb)
         assert y.dtype == torch.bfloat16
-        assert dict(c.ops) == (expect if conv is frozen else {**expect, "aten._to_copy": 1})
+        # a trainable weight: folded and cast by one product written in bf16 (empty_like only allocates)
+        assert dict(c.ops) == (expect if conv is frozen else {**expect, "aten.empty_like": 1})
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_trainable_fold_and_cast_in_one_product_is_exact(channels_last):
+    """Under autocast a trainable folded weight is W * scale written in bf16 by one kernel, and its gradient
+    g * scale written in fp32 by one: bit for bit what W * scale then autocast's cast, and autograd through them,
+    give; the memory format is kept."""
+    from detr_fast.models.fold import _fold_trainable
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 1 << 30, ())))
+    w = torch.randn(24, 10, 3, 3, generator=g)
+    if channels_last:
+        w = w.contiguous(memory_format=torch.channels_last)
+    scale = torch.rand(24, 1, 1, 1, generator=g) + 0.5
+    up = torch.randn(24, 10, 3, 3, generator=g).bfloat16()
+    w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+    ours = _fold_trainable(w1, scale, torch.bfloat16)
+    plain = (w2 * scale).to(torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, plain)
+    if channels_last:
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+    ours.backward(up)
+    plain.backward(up)
+    assert w1.grad.dtype == torch.float32 and torch.equal(w1.grad, w2.grad)
+    # no autocast dtype change: the plain product
+    assert torch.equal(_fold_trainable(w, scale, torch.float32), w * scale)
 
 
 def test_fuse_bias_act_needs_folded_resnet_config():

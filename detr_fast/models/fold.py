@@ -61,6 +61,34 @@ def _autocast_dtype(x: torch.Tensor, t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+class _ScaleCast(torch.autograd.Function):
+    """(W, scale [C_out, 1, 1, 1], dtype) -> W * scale written in dtype by one kernel (the product in W's precision,
+    rounded once, as W * scale followed by autocast's cast computes it); backward: the gradient times scale written
+    in W's dtype, again one kernel (the gradient converted exactly, then the product, as autograd computes it)."""
+
+    @staticmethod
+    def forward(ctx, w, scale, dtype):
+        out = torch.empty_like(w, dtype=dtype)
+        torch.mul(w, scale, out=out)
+        ctx.save_for_backward(scale)
+        ctx.w_dtype = w.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (scale,) = ctx.saved_tensors
+        gw = torch.empty_like(g, dtype=ctx.w_dtype)
+        torch.mul(g, scale, out=gw)
+        return gw, None, None
+
+
+def _fold_trainable(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A trainable W folded with scale, in the convolution's operand dtype: under autocast one kernel each way in
+    place of a product and a cast (the same values); otherwise the plain product."""
+    scale = scale.to(w.dtype)
+    return w * scale if dtype == w.dtype else _ScaleCast.apply(w, scale, dtype)
+
+
 class FoldedConv2d(nn.Module):
     """A Conv2d followed by a FrozenBatchNorm2d, computed as one convolution with bias.
 
@@ -105,7 +133,7 @@ class FoldedConv2d(nn.Module):
         if self._lent is not None:  # computed with every other convolution of the trunk (TrunkFold, in a capture)
             weight, scale, shift, shift_low = self._lent
             if weight is None:  # trainable: the gradient reaches W through the product
-                weight = self.weight * scale
+                weight = _fold_trainable(self.weight, scale, _autocast_dtype(x, self.weight))
             return weight, shift_low if cast_shift and shift_low is not None else shift
         bn, w = self._bn, self.weight
         bufs = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -118,7 +146,7 @@ class FoldedConv2d(nn.Module):
         if cast_shift and shift.dtype != wdt:
             shift = self._cached("shift_cast", (bn_key, wdt), bufs, lambda: shift.to(wdt))
         if w.requires_grad:  # recomputed every forward: the gradient reaches W through the product
-            return w * scale.to(w.dtype), shift
+            return _fold_trainable(w, scale, wdt), shift
         weight = self._cached("weight", (bn_key, _key(w), wdt), bufs + (w,), lambda: (w * scale.to(w.dtype)).to(wdt))
         return weight, shift
 
