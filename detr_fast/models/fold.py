@@ -139,7 +139,10 @@ class FoldedConv2d(nn.Module):
         bufs = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if not _may_cache(x) or any(t.requires_grad for t in bufs):
             scale, shift = self._scale_shift_now()
-            return w * scale.to(w.dtype), shift.to(x.dtype) if cast_shift and x.dtype == w.dtype else shift
+            shift = shift.to(x.dtype) if cast_shift and x.dtype == w.dtype else shift
+            if w.requires_grad and not torch.compiler.is_compiling() and not scale.requires_grad:  # in a capture
+                return _fold_trainable(w, scale, _autocast_dtype(x, w)), shift
+            return w * scale.to(w.dtype), shift
         bn_key = tuple(_key(t) for t in bufs) + (bn.eps,)
         scale, shift = self._cached("scale_shift", bn_key, bufs, self._scale_shift_now)
         wdt = _autocast_dtype(x, w)
