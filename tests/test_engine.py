@@ -269,6 +269,24 @@ def test_autocast_runs_on_cpu(tmp_path, amp):
     assert ("scaler" in load_checkpoint(tmp_path / "checkpoint.pth")) == (amp == "fp16")
 
 
+FAST_OPTIONS = ("model.attention=fused", "model.flat_cast=true", "model.packed_proj=true", "model.fused_norm=true")
+
+
+def test_training_with_every_fast_option_on_cpu(tmp_path):
+    """The engine with the fused attention core, the one-pass weight cast, the packed projections and the fused
+    norm under bf16: the same losses as without them (to bf16 rounding over a few steps), and a resume from its
+    checkpoint continues."""
+    common = ("train.amp=bf16", "train.epochs=2", "train.max_steps_per_epoch=3", "train.eval_every=0",
+              "model.attention=fused")
+    plain = train(tiny_cfg(tmp_path / "plain", *common), loader_fn=fake_loader_fn())["epochs"]
+    fast = train(tiny_cfg(tmp_path / "fast", *common, *FAST_OPTIONS), loader_fn=fake_loader_fn())["epochs"]
+    for a, b in zip(plain, fast):
+        assert math.isfinite(b["train_loss"]) and b["train_loss"] == pytest.approx(a["train_loss"], rel=3e-3)
+    more = tiny_cfg(tmp_path / "fast", *common, *FAST_OPTIONS, "train.epochs=3",
+                    f"train.resume={tmp_path / 'fast' / 'checkpoint.pth'}")
+    assert [r["epoch"] for r in train(more, loader_fn=fake_loader_fn())["epochs"]] == [2]
+
+
 def test_nonfinite_loss_stops_with_a_clear_error(tmp_path):
     from detr_fast.criterion import build_criterion
 
@@ -426,9 +444,11 @@ def test_fixed_shape_training_and_cuda_graph_config_errors(tmp_path):
 
 
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_cuda_graph_training_equals_eager(tmp_path, amp):
-    """train.cuda_graph replays compute the eager steps' losses (same padded shapes, same batches, dropout 0)."""
+@pytest.mark.parametrize("amp,extra", [("none", ()), ("bf16", ()), ("bf16", FAST_OPTIONS)],
+                         ids=["none", "bf16", "bf16_fast_options"])
+def test_cuda_graph_training_equals_eager(tmp_path, amp, extra):
+    """train.cuda_graph replays compute the eager steps' losses (same padded shapes, same batches, dropout 0), also
+    with every fast option on."""
     from detr_fast.ops import has_kernel
 
     if not (has_kernel("linear_assignment", "cuda") and has_kernel("matching_cost", "cuda")):
@@ -436,7 +456,8 @@ def test_cuda_graph_training_equals_eager(tmp_path, amp):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     common = ("train.device=cuda", f"train.amp={amp}", "train.epochs=2", "train.eval_every=0",
-              "data.pad_to=[64, 96]", "data.max_targets=5", "train.warmup_steps=3", "train.lr_schedule=cosine")
+              "data.pad_to=[64, 96]", "data.max_targets=5", "train.warmup_steps=3", "train.lr_schedule=cosine",
+              *extra)
     eager = train(tiny_cfg(tmp_path / "eager", *common), loader_fn=fake_loader_fn())["epochs"]
     graph = train(tiny_cfg(tmp_path / "graph", *common, "train.cuda_graph=true"), loader_fn=fake_loader_fn())["epochs"]
     for a, b in zip(eager, graph):
