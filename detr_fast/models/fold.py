@@ -14,7 +14,9 @@ computed from, all read on the host: load_state_dict (an in-place copy bumps _ve
 .to(), .double() miss it. Only writes through `.data`, which bypass the version counter, would go unseen. The entry
 also holds the storages of those tensors, so a freed buffer's address cannot come back under the same key. While
 torch.compile traces and while a CUDA graph is captured everything is computed inline: a captured graph reads the
-buffers themselves, so an in-place load between replays still reaches it.
+buffers themselves, so an in-place load between replays still reaches it (with model.flat_cast, TrunkFold computes
+it for all convolutions at once in a capture). Under autocast a trainable weight is folded and cast by one product
+written in the operand dtype (_ScaleCast), and its gradient comes back the same way.
 
 fuse_bias_act (after fold_frozen_bn) goes one step further: a folded convolution still adds its bias in a pass of
 its own under eager PyTorch, then the ReLU, and at a residual block's end the residual add and another ReLU, each a
