@@ -7,7 +7,8 @@
 #   PROFILE=first bash benchmarks/gpu_check.sh   # the decisive half, under 8 minutes: build, the CUDA tests of the
 #                                                # parts never run on a GPU, the eager/graph step variants, DALI
 #   PROFILE=second bash benchmarks/gpu_check.sh  # the rest on the same warm machine (the build is reused):
-#                                                # validate, all CUDA tests, kernel benchmarks, compile variants
+#                                                # validate, all CUDA tests, kernel benchmarks, compile variants,
+#                                                # each fusion on its own
 #   STAGES="build validate tests" bash benchmarks/gpu_check.sh
 #   STEP_VARIANTS=ref_tf32,fast bash benchmarks/gpu_check.sh
 #
@@ -23,11 +24,13 @@ PY=${PYTHON:-python3}
 case "${PROFILE:-all}" in
   first)
     DEFAULT_STAGES="wheels build dali_check tests_new bench_step bench_data charts"
-    # the decisive variants first (the stage's time limit keeps what finished): reference, plain, all fused, graphs
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_bias,fast_norm ;;
+    # the decisive variants first (the stage's time limit keeps what finished): reference, plain, all fused, graphs;
+    # the one-option variants are in the second profile
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph ;;
   second)
     DEFAULT_STAGES="build validate tests bench_ops bench_assignment bench_attention bench_step charts"
-    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,ref_fp32 ;;  # fast_all against ref_compile in one run
+    # fast_all against ref_compile in one run, then each fusion on its own against fast
+    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast,fast_cast,fast_proj,fast_bias,fast_norm,ref_fp32 ;;
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
