@@ -15,7 +15,8 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_bias     the fast path with model.fused_bias_act (conv bias + residual add + ReLU in one pass per block)
   fast_cast     the fast path with model.flat_cast (the transformer's weights cast to bf16 in one kernel per step)
   fast_proj     the fast path with model.packed_proj (q/k in one GEMM; all cross-attention keys/values in two)
-  fast_fused    the fast path with all four: model.fused_norm, fused_bias_act, flat_cast and packed_proj (eager)
+  fast_ffn      the fast path with model.fused_ffn (the FFN's ReLU + dropout as one relu_dropout pass)
+  fast_fused    the fast path with all five: model.fused_norm, fused_bias_act, flat_cast, packed_proj, fused_ffn
   fast_tuned    fast_fused with cuDNN autotuning (torch.backends.cudnn.benchmark; the batch shape repeats)
   fast_all      the best combination: fast_tuned captured as one CUDA graph (a GPU only)
 cuDNN autotuning is off in every other variant, as in the public reference.
@@ -42,6 +43,9 @@ from detr_fast.config import load_config
 from detr_fast.criterion import build_criterion, weighted_total
 from detr_fast.models import build_detr
 
+# the five model options of the fast path, each computing the same function (config.py)
+FUSIONS = dict(fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True, fused_ffn=True)
+
 VARIANTS = {
     "ref_fp32": dict(kernels="reference", attention="reference", fold_bn=False, channels_last=False, amp="none",
                      tf32=False, compile=False),
@@ -65,14 +69,14 @@ VARIANTS = {
                       compile=False, flat_cast=True),
     "fast_proj": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                       compile=False, packed_proj=True),
+    "fast_ffn": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
+                     compile=False, fused_ffn=True),
     "fast_fused": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
-                       compile=False, fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True),
+                       compile=False, **FUSIONS),
     "fast_tuned": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
-                       compile=False, fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True,
-                       cudnn_benchmark=True),
+                       compile=False, **FUSIONS, cudnn_benchmark=True),
     "fast_all": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
-                     compile=False, fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True,
-                     cudnn_benchmark=True, graph=True),
+                     compile=False, **FUSIONS, cudnn_benchmark=True, graph=True),
 }
 
 
@@ -107,7 +111,7 @@ def build(cfg_overrides, variant, device):
     sets = list(cfg_overrides) + [f"model.kernels={v['kernels']}", f"model.attention={v['attention']}",
                                   f"model.fold_bn={str(v['fold_bn']).lower()}",
                                   f"model.channels_last={str(v['channels_last']).lower()}"]
-    for key in ("fused_norm", "fused_bias_act", "flat_cast", "packed_proj"):
+    for key in FUSIONS:
         if key in v:
             sets.append(f"model.{key}={str(v[key]).lower()}")
     cfg = load_config(None, sets)
@@ -257,7 +261,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--backbone", default=None, help="resnet18 / resnet50 (default: resnet18 with --small)")
     ap.add_argument("--size", default=None, help="largest image HxW (default 256x320 with --small, else 800x1333)")
-    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,"
+    ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,fast_ffn,"
                                           "fast_fused,fast_tuned,fast_all,ref_fp32,ref_compile,fast_compile")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

@@ -30,11 +30,11 @@ case "${PROFILE:-all}" in
   second)
     DEFAULT_STAGES="build validate tests bench_ops bench_assignment bench_attention bench_step charts"
     # fast_all against ref_compile in one run, then each fusion on its own against fast
-    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast,fast_cast,fast_proj,fast_bias,fast_norm,ref_fp32 ;;
+    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32 ;;
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile ;;
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;
 esac
 STAGES=${STAGES:-$DEFAULT_STAGES}
@@ -84,7 +84,8 @@ fi
 # engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check
 stage tests_new 180 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST tests/test_bias_act.py \
   tests/test_layernorm.py tests/test_graphs.py tests/test_engine.py tests/test_dali.py tests/test_dali_engine.py \
-  tests/test_data.py tests/test_fast_path.py tests/test_packed_proj.py tests/test_flat_cast.py tests/test_attention.py
+  tests/test_data.py tests/test_fast_path.py tests/test_packed_proj.py tests/test_flat_cast.py tests/test_attention.py \
+  tests/test_relu_dropout.py
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end"}
 stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act \

@@ -57,6 +57,12 @@ TORCH_LIBRARY(detr_fast, m) {
       "Tensor rstd, float p, Tensor rng_state) -> (Tensor, Tensor, Tensor, Tensor)");
   // keep [rows, d] bool (True = kept): the dropout mask the kernels apply to x viewed as [rows, d] (tests).
   m.def("add_dropout_layernorm_mask(Tensor rng_state, int rows, int d, float p) -> Tensor");
+  // The FFN activation dropout(relu(x), p) (csrc/layernorm, same dropout stream as add_dropout_layernorm with x
+  // viewed as [rows, d], so add_dropout_layernorm_mask rebuilds its mask). Returns (out in x's dtype and shape,
+  // rng_state). The backward needs only out (no mask): grad_x = grad_out / (1 - p) where out > 0, else 0.
+  m.def("relu_dropout(Tensor x, float p, int? seed=None, int offset=0) -> (Tensor, Tensor)",
+        {at::Tag::nondeterministic_seeded});
+  m.def("relu_dropout_backward(Tensor grad_out, Tensor out, float p) -> Tensor");
 
   // Bias + residual + ReLU (csrc/bias_act): out = relu(x + bias[c] + residual), relu and residual optional.
   // x [N, C, ...] float; bias [C] in x's dtype or float32; residual with x's shape and dtype. out: x's shape and

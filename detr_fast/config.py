@@ -46,6 +46,8 @@ class ModelConfig:
     # with the fused attention core: each self-attention's q and k in one matrix product, and the keys and values of
     # all decoder layers' cross-attentions in two, up front (same parameters; equal to rounding)
     packed_proj: bool = False
+    # the FFN's ReLU and dropout as one relu_dropout call (its own dropout stream; the backward reads the output only)
+    fused_ffn: bool = False
 
 
 @dataclass

@@ -269,7 +269,8 @@ def test_autocast_runs_on_cpu(tmp_path, amp):
     assert ("scaler" in load_checkpoint(tmp_path / "checkpoint.pth")) == (amp == "fp16")
 
 
-FAST_OPTIONS = ("model.attention=fused", "model.flat_cast=true", "model.packed_proj=true", "model.fused_norm=true")
+FAST_OPTIONS = ("model.attention=fused", "model.flat_cast=true", "model.packed_proj=true", "model.fused_norm=true",
+                "model.fused_ffn=true")
 
 
 def test_training_with_every_fast_option_on_cpu(tmp_path):

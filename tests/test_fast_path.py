@@ -27,7 +27,8 @@ def _loss_and_grads(variant, state, batch, extra=()):
 
 @pytest.mark.parametrize("extra", [(), ("model.fused_norm=true",), ("model.fused_bias_act=true",),
                                    ("model.packed_proj=true",),
-                                   ("model.fused_norm=true", "model.fused_bias_act=true", "model.packed_proj=true")],
+                                   ("model.fused_norm=true", "model.fused_bias_act=true", "model.packed_proj=true",
+                                    "model.fused_ffn=true")],
                          ids=["plain", "fused_norm", "fused_bias_act", "packed_proj", "fused_all"])
 def test_fast_path_equals_reference_path_in_fp32(extra):
     torch.manual_seed(0)
@@ -46,7 +47,7 @@ def test_fast_path_equals_reference_path_in_fp32(extra):
 
 
 @pytest.mark.parametrize("extra", [(), ("model.fused_norm=true", "model.fused_bias_act=true", "model.flat_cast=true",
-                                        "model.packed_proj=true")],
+                                        "model.packed_proj=true", "model.fused_ffn=true")],
                          ids=["plain", "fused_all"])
 def test_fast_path_in_bf16_equals_reference_to_rounding(extra):
     """The fast step as it runs (bf16 autocast, our kernels, folded and fused trunk): its loss differs from the fp32
@@ -97,7 +98,8 @@ def _step(variant, batch, extra=(), amp=False):
 def test_fast_step_reads_nothing_back_to_the_host():
     batch = make_batch(2, 64, 96, 7, "cpu", seed=5, max_targets=4)
     _step("fast_fp32", batch)  # our kernels: no host read anywhere in forward, loss, backward, clipping
-    _step("fast_fp32", batch, ("model.fused_norm=true", "model.dropout=0.1"))  # fused norm, dropout drawn too
+    # fused norm and FFN activation, dropout drawn too
+    _step("fast_fp32", batch, ("model.fused_norm=true", "model.fused_ffn=true", "model.dropout=0.1"))
     _step("fast_fp32", batch, ("model.fused_bias_act=true",))  # fused trunk, its cached folded BatchNorm
     # bf16 autocast with the one-pass weight cast and the packed projections
     _step("fast", batch, ("model.flat_cast=true", "model.packed_proj=true"), amp=True)
@@ -124,7 +126,7 @@ def test_bench_step_counts_operators(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [("model.fused_norm=true", "model.fused_bias_act=true", "model.flat_cast=true",
-                                    "model.packed_proj=true")], ids=["fused_all"])
+                                    "model.packed_proj=true", "model.fused_ffn=true")], ids=["fused_all"])
 def test_whole_model_under_torch_compile(extra):
     """torch.compile (aot_eager: Dynamo and AOTAutograd, no code generation) traces the fast model with every fusion
     under bf16 autocast: its caches and one-pass casts stand aside while tracing; loss and gradients equal the eager

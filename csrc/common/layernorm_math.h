@@ -40,6 +40,22 @@ DF_HD bool ln_dropout_keep(uint64_t seed, uint64_t offset, int64_t row, int64_t 
 // Offsets one call reserves in the generator's Philox stream (a multiple of 4, as torch requires).
 inline uint64_t ln_dropout_offset_increment(int64_t rows) { return (static_cast<uint64_t>(rows) + 3u) / 4u * 4u; }
 
+// ---- relu_dropout: the transformer FFN's activation, y = dropout(relu(x)) ---------------------------------------
+// Same stream as above, x viewed as [rows, d]: relu_dropout and add_dropout_layernorm_mask share the keep mask
+// definition (each call reserves its own offsets). relu passes NaN (as torch's relu); a dropped element is
+// relu(x) * 0 (NaN and inf give NaN, as torch's dropout). The gradient needs only y: y > 0 exactly where the element
+// was kept and x > 0, where dy / dx = keep_scale; elsewhere the gradient is 0.
+template <typename acc_t>
+DF_HD acc_t relu_dropout_value(acc_t x, bool keep, acc_t keep_scale) {
+  const acc_t r = x < acc_t(0) ? acc_t(0) : x;
+  return r * (keep ? keep_scale : acc_t(0));
+}
+
+template <typename acc_t>
+DF_HD acc_t relu_dropout_grad(acc_t grad_y, acc_t y, acc_t keep_scale) {
+  return y > acc_t(0) ? grad_y * keep_scale : acc_t(0);
+}
+
 // ---- Per element -----------------------------------------------------------------------------------------------
 // h = residual + x * keep_scale when kept, residual when dropped. keep_scale = 1 / (1 - p); with p == 0 every
 // element is kept and keep_scale == 1, so h == residual + x exactly.

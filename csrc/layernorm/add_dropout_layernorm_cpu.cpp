@@ -1,6 +1,7 @@
-// CPU kernels of detr_fast::add_dropout_layernorm, its backward and its dropout mask: the same math and dropout
-// stream as the CUDA kernels (common/layernorm_math.h), parallel over rows with at::parallel_for; statistics in
-// acc_t (float, double for double inputs).
+// CPU kernels of detr_fast::add_dropout_layernorm, its backward and its dropout mask, and of relu_dropout (the
+// FFN activation on the same dropout stream): the same math and dropout stream as the CUDA kernels
+// (common/layernorm_math.h), parallel over rows with at::parallel_for; statistics in acc_t (float, double for
+// double inputs).
 //
 // Dropout seed on the CPU: without an explicit seed, one 63-bit seed is drawn from torch's default CPU generator
 // (under its mutex) and the offset is 0, so torch.manual_seed makes runs reproducible and every call draws a fresh
@@ -224,11 +225,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
         backward_kernel<float, at::BFloat16>(go, x, r, w, mean, rstd, dx, dr, dw, db, p, rng);
       }
     } else {
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_dropout_layernorm_bwd_cpu",
-                                      [&] { backward_kernel<scalar_t>(go, x, r, w, mean, rstd, dx, dr, dw, db, p, rng); });
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "add_dropout_layernorm_bwd_cpu", [&] {
+        backward_kernel<scalar_t>(go, x, r, w, mean, rstd, dx, dr, dw, db, p, rng);
+      });
     }
   }
   return {dx, dr, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
+}
+
+// relu_dropout: y = relu(x) * keep / (1 - p) with the keep mask of the stream above (x viewed as [rows, d]).
+template <typename scalar_t>
+void relu_dropout_kernel(const at::Tensor& x, at::Tensor& out, double p, Rng rng) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const bool dropout = p > 0.0;
+  const uint32_t thr = dropout_threshold(p);
+  const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p));
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> keep(d);
+    for (int64_t row = begin; row < end; ++row) {
+      row_keep(row, d, dropout, rng, thr, keep.data());
+      for (int64_t c = 0; c < d; ++c)
+        op[row * d + c] = static_cast<scalar_t>(
+            relu_dropout_value(static_cast<acc_t>(xp[row * d + c]), keep[c] != 0, keep_scale));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> relu_dropout_cpu(const at::Tensor& x_in, double p, std::optional<int64_t> seed,
+                                                    int64_t offset) {
+  check_relu_dropout(x_in, p, "relu_dropout");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const Rng rng = cpu_dropout_state(p, seed, offset);
+  at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
+  rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(rng.seed);
+  rng_state.mutable_data_ptr<int64_t>()[1] = static_cast<int64_t>(rng.offset);
+  if (x.numel() == 0) return {out, rng_state};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_dropout_cpu",
+                                  [&] { relu_dropout_kernel<scalar_t>(x, out, p, rng); });
+  return {out, rng_state};
+}
+
+// The gradient from the output alone (no mask): relu_dropout_grad per element.
+at::Tensor relu_dropout_backward_cpu(const at::Tensor& grad_out, const at::Tensor& out_in, double p) {
+  check_relu_dropout_backward(grad_out, out_in, p);
+  const at::Tensor g = grad_out.contiguous(), y = out_in.contiguous();
+  at::Tensor dx = at::empty(y.sizes(), y.options());
+  const int64_t n = y.numel();
+  if (n == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "relu_dropout_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t keep_scale = static_cast<acc_t>(1.0 / (1.0 - p));
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e)
+        dp[e] = static_cast<scalar_t>(
+            relu_dropout_grad(static_cast<acc_t>(gp[e]), static_cast<acc_t>(yp[e]), keep_scale));
+    });
+  });
+  return dx;
 }
 
 // keep [rows, d] bool: True where the kernels keep x's element for rng_state = (seed, offset).
@@ -256,10 +316,13 @@ TORCH_LIBRARY_IMPL(detr_fast, CPU, m) {
   m.impl("add_dropout_layernorm", &detr_fast::add_dropout_layernorm_cpu);
   m.impl("add_dropout_layernorm_backward", &detr_fast::add_dropout_layernorm_backward_cpu);
   m.impl("add_dropout_layernorm_mask", &detr_fast::add_dropout_layernorm_mask_cpu);
+  m.impl("relu_dropout", &detr_fast::relu_dropout_cpu);
+  m.impl("relu_dropout_backward", &detr_fast::relu_dropout_backward_cpu);
 }
 
 // The backward and the mask op are not differentiable (no double backward): autograd passes through them.
 TORCH_LIBRARY_IMPL(detr_fast, Autograd, m) {
   m.impl("add_dropout_layernorm_backward", torch::CppFunction::makeFallthrough());
   m.impl("add_dropout_layernorm_mask", torch::CppFunction::makeFallthrough());
+  m.impl("relu_dropout_backward", torch::CppFunction::makeFallthrough());
 }

@@ -432,6 +432,52 @@ __global__ void ln_mask_kernel(const int64_t* rng, int64_t rows, int64_t d, uint
   }
 }
 
+// relu_dropout: one thread per 4-element group (row, c4) of x viewed as [rows, d], grid-stride; the keep bits of
+// the group are one Philox block of the add_dropout_layernorm stream.
+struct ReluDropoutParams {
+  const void* x;
+  void* out;
+  int64_t rows, d;
+  float keep_scale;
+  double keep_scale64;
+  uint32_t threshold;
+  bool dropout, vec;
+  at::PhiloxCudaState philox;
+  int64_t* rng_out;
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(256) relu_dropout_kernel(ReluDropoutParams p) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto seeds = at::cuda::philox::unpack(p.philox);
+  const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    p.rng_out[0] = p.dropout ? static_cast<int64_t>(seed) : 0;
+    p.rng_out[1] = p.dropout ? static_cast<int64_t>(offset) : 0;
+  }
+  const acc_t ks = keep_scale_of<acc_t>(p.keep_scale, p.keep_scale64);
+  const int64_t nv = (p.d + 3) / 4, n = p.rows * nv;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row = e / nv, c4 = e % nv, c = 4 * c4;
+    acc_t v[4];
+    load4(static_cast<const scalar_t*>(p.x) + row * p.d, c, p.d, p.vec, v);
+    const uint32_t keep = keep_bits(p.dropout, seed, offset, row, c4, p.threshold);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = relu_dropout_value(v[j], ((keep >> j) & 1u) != 0, ks);
+    store4(static_cast<scalar_t*>(p.out) + row * p.d, c, p.d, p.vec, v);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(256) relu_dropout_backward_kernel(const scalar_t* g, const scalar_t* y,
+                                                                    scalar_t* dx, int64_t n, float ks32,
+                                                                    double ks64) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const acc_t ks = keep_scale_of<acc_t>(ks32, ks64);
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x)
+    dx[e] = static_cast<scalar_t>(relu_dropout_grad(static_cast<acc_t>(g[e]), static_cast<acc_t>(y[e]), ks));
+}
+
 // ---- Host side -------------------------------------------------------------------------------------------------
 
 int sm_count(int device) {
@@ -483,6 +529,22 @@ void check_cuda_d(const at::Tensor& x) {
   DETR_CHECK(x.numel() / x.size(-1) < (int64_t(1) << 31), "add_dropout_layernorm (CUDA): rows must be below 2^31");
 }
 
+// The Philox state of one dropout call over `rows` rows: the explicit (seed, offset), or a reserved range of the
+// device's default generator (no host sync; CUDA-graph safe).
+at::PhiloxCudaState dropout_philox(const at::Tensor& x, double p, int64_t rows, std::optional<int64_t> seed,
+                                   int64_t offset) {
+  if (p <= 0.0) return at::PhiloxCudaState(0, 0);
+  check_ln_seed(seed, offset);
+  if (seed.has_value()) return at::PhiloxCudaState(static_cast<uint64_t>(*seed), static_cast<uint64_t>(offset));
+  at::Generator gen = at::cuda::detail::getDefaultCUDAGenerator(x.device().index());
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get<at::CUDAGeneratorImpl>()->philox_cuda_state(ln_dropout_offset_increment(rows));
+}
+
+unsigned elementwise_blocks(int64_t n, int device) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + 255) / 256, int64_t(8) * sm_count(device))));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm_cuda(
     const at::Tensor& x_in, const at::Tensor& r_in, const at::Tensor& weight, const at::Tensor& bias, double p,
     double eps, std::optional<int64_t> seed, int64_t offset) {
@@ -498,17 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
 
-  at::PhiloxCudaState philox(0, 0);
-  if (p > 0.0) {
-    check_ln_seed(seed, offset);
-    if (seed.has_value()) {
-      philox = at::PhiloxCudaState(static_cast<uint64_t>(*seed), static_cast<uint64_t>(offset));
-    } else {
-      at::Generator gen = at::cuda::detail::getDefaultCUDAGenerator(x.device().index());
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      philox = gen.get<at::CUDAGeneratorImpl>()->philox_cuda_state(ln_dropout_offset_increment(rows));
-    }
-  }
+  const at::PhiloxCudaState philox = dropout_philox(x, p, rows, seed, offset);
   FwdParams prm{};
   prm.x = x.data_ptr();
   prm.r = r.data_ptr();
@@ -534,7 +586,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
       constexpr int RPB = block_threads<TPR>() / TPR;
       // At least one block, so that rng_state is written even for zero rows.
       const int64_t blocks = std::max<int64_t>(1, (rows + RPB - 1) / RPB);
-      ln_forward_kernel<scalar_t, x_t, TPR, NV><<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
+      ln_forward_kernel<scalar_t, x_t, TPR, NV>
+          <<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -591,7 +644,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
       const int64_t groups = blocks * RPB;
       at::Tensor partial = at::empty({groups, 2, d}, x.options().dtype(acc));
       prm.partial = partial.data_ptr();
-      ln_backward_kernel<scalar_t, x_t, TPR, NV><<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
+      ln_backward_kernel<scalar_t, x_t, TPR, NV>
+          <<<static_cast<unsigned>(blocks), block_threads<TPR>(), 0, stream>>>(prm);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       ln_column_sum_kernel<acc_t><<<static_cast<unsigned>((d + 31) / 32), 256, 0, stream>>>(
           partial.const_data_ptr<acc_t>(), groups, d, dw.mutable_data_ptr<acc_t>(), db.mutable_data_ptr<acc_t>());
@@ -616,10 +670,59 @@ at::Tensor add_dropout_layernorm_mask_cuda(const at::Tensor& rng_state, int64_t 
   return keep;
 }
 
+std::tuple<at::Tensor, at::Tensor> relu_dropout_cuda(const at::Tensor& x_in, double p, std::optional<int64_t> seed,
+                                                     int64_t offset) {
+  check_relu_dropout(x_in, p, "relu_dropout");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
+  const int64_t d = std::max<int64_t>(x.size(-1), 1), rows = x.numel() / d;
+  ReluDropoutParams prm{};
+  prm.x = x.data_ptr();
+  prm.out = out.data_ptr();
+  prm.rows = rows;
+  prm.d = d;
+  set_dropout(prm, p);
+  const size_t vbytes = 4 * x.element_size();
+  prm.vec = d % 4 == 0 && aligned(prm.x, vbytes) && aligned(prm.out, vbytes);
+  prm.philox = dropout_philox(x, p, rows, seed, offset);
+  prm.rng_out = rng_state.mutable_data_ptr<int64_t>();
+  const int64_t groups = rows * ((d + 3) / 4);
+  // At least one block, so that rng_state is written even for an empty x.
+  const unsigned blocks = elementwise_blocks(groups, x.device().index());
+  dispatch_dtype(x.scalar_type(), x.scalar_type(), [&](auto s, auto) {
+    using scalar_t = decltype(s);
+    relu_dropout_kernel<scalar_t><<<blocks, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(prm);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {out, rng_state};
+}
+
+at::Tensor relu_dropout_backward_cuda(const at::Tensor& grad_out, const at::Tensor& out_in, double p) {
+  check_relu_dropout_backward(grad_out, out_in, p);
+  c10::cuda::CUDAGuard guard(out_in.device());
+  const at::Tensor g = grad_out.contiguous(), y = out_in.contiguous();
+  at::Tensor dx = at::empty(y.sizes(), y.options());
+  const int64_t n = y.numel();
+  if (n == 0) return dx;
+  dispatch_dtype(y.scalar_type(), y.scalar_type(), [&](auto s, auto) {
+    using scalar_t = decltype(s);
+    relu_dropout_backward_kernel<scalar_t>
+        <<<elementwise_blocks(n, y.device().index()), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            g.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), n,
+            static_cast<float>(1.0 / (1.0 - p)), 1.0 / (1.0 - p));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dx;
+}
+
 }  // namespace
 }  // namespace detr_fast
 
 TORCH_LIBRARY_IMPL(detr_fast, CUDA, m) {
+  m.impl("relu_dropout", &detr_fast::relu_dropout_cuda);
+  m.impl("relu_dropout_backward", &detr_fast::relu_dropout_backward_cuda);
   m.impl("add_dropout_layernorm", &detr_fast::add_dropout_layernorm_cuda);
   m.impl("add_dropout_layernorm_backward", &detr_fast::add_dropout_layernorm_backward_cuda);
   m.impl("add_dropout_layernorm_mask", &detr_fast::add_dropout_layernorm_mask_cuda);

@@ -74,8 +74,9 @@ inline void check_ln_backward_inputs(const at::Tensor& grad_out, const at::Tenso
              ": grad_out and residual must have x's shape ", x.sizes(), ", got ", grad_out.sizes(), " and ",
              residual.sizes());
   check_ln_dtypes(x, residual, op);
-  DETR_CHECK(grad_out.scalar_type() == residual.scalar_type(), op, ": grad_out must have the output's (residual's) dtype ",
-             residual.scalar_type(), ", got ", grad_out.scalar_type());
+  DETR_CHECK(grad_out.scalar_type() == residual.scalar_type(), op,
+             ": grad_out must have the output's (residual's) dtype ", residual.scalar_type(), ", got ",
+             grad_out.scalar_type());
   check_ln_params(x, weight, weight, p, op);
   const int64_t rows = x.numel() / x.size(-1);
   DETR_CHECK(mean.dim() == 1 && mean.size(0) == rows && rstd.dim() == 1 && rstd.size(0) == rows, op,
@@ -97,6 +98,24 @@ inline void check_ln_mask_args(const at::Tensor& rng_state, int64_t rows, int64_
              rng_state.sizes());
   DETR_CHECK(rows >= 0 && d >= 0, "add_dropout_layernorm_mask: rows and d must be non-negative");
   DETR_CHECK(p >= 0.0 && p < 1.0, "add_dropout_layernorm_mask: p must lie in [0, 1), got ", p);
+}
+
+// relu_dropout(x, p) and its backward (grad_out, out, p): x any floating dtype, [..., d] with at least one dimension.
+inline void check_relu_dropout(const at::Tensor& x, double p, const char* op) {
+  DETR_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  const at::ScalarType dt = x.scalar_type();
+  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+             ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  DETR_CHECK(p >= 0.0 && p < 1.0, op, ": dropout probability p must lie in [0, 1), got ", p);
+}
+
+inline void check_relu_dropout_backward(const at::Tensor& grad_out, const at::Tensor& out, double p) {
+  const char* op = "relu_dropout_backward";
+  check_relu_dropout(out, p, op);
+  DETR_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == out.scalar_type(), op,
+             ": grad_out must have out's shape and dtype ", out.sizes(), " ", out.scalar_type(), ", got ",
+             grad_out.sizes(), " ", grad_out.scalar_type());
+  check_same_device(out, grad_out, "relu_dropout_backward: out", "grad_out");
 }
 
 inline void check_ln_seed(std::optional<int64_t> seed, int64_t offset) {

@@ -92,7 +92,8 @@ def build_detr(cfg) -> DETR:
             fuse_bias_act(backbone)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
-                              attn_impl=m.attention, fused_norm=m.fused_norm, packed_proj=m.packed_proj)
+                              attn_impl=m.attention, fused_norm=m.fused_norm, packed_proj=m.packed_proj,
+                              fused_ffn=m.fused_ffn)
     model = DETR(joiner, transformer, m.num_classes, m.num_queries, aux_loss=m.aux_loss)
     if m.flat_cast:
         model.use_flat_cast()

@@ -7,7 +7,8 @@ kernel for CUDA tensors and the reference for CPU tensors. With fused_norm, each
 norm(residual + dropout(x)) is one detr_fast.ops.add_dropout_layernorm call using the LayerNorm's and the Dropout's
 own parameters. With packed_proj (and the fused core), each self-attention projects q and k in one matrix product
 (query and key are the same tensor) and the decoder projects the keys and values of all its cross-attentions up
-front in two (they all read the same memory): fewer, larger GEMMs and input casts, the same parameters.
+front in two (they all read the same memory): fewer, larger GEMMs and input casts, the same parameters. With
+fused_ffn, the FFN's ReLU and dropout are one detr_fast.ops.relu_dropout call.
 """
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_fast import ops
+
+
+def ffn_activation(dropout: nn.Dropout, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The FFN's dropout(relu(x)); fused: one ops.relu_dropout call with the Dropout's own p (its backward needs only
+    the output)."""
+    if fused:
+        return ops.relu_dropout(x, dropout.p, dropout.training)
+    return dropout(F.relu(x))
 
 
 def add_norm(norm: nn.LayerNorm, dropout: nn.Dropout, x: torch.Tensor, residual: torch.Tensor, fused: bool):
@@ -101,9 +110,10 @@ def cross_keys_values(attns: list[MultiheadAttention], memory, pos):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False, packed_proj=False):
+    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False, packed_proj=False,
+                 fused_ffn=False):
         super().__init__()
-        self.fused_norm, self.packed_proj = fused_norm, packed_proj
+        self.fused_norm, self.packed_proj, self.fused_ffn = fused_norm, packed_proj, fused_ffn
         self.self_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -118,14 +128,15 @@ class EncoderLayer(nn.Module):
         q = k = src + pos
         attn = self.self_attn.self_attention(q, src, mask) if self.packed_proj else self.self_attn(q, k, src, mask)
         src = add_norm(self.norm1, self.dropout1, attn, src, self.fused_norm)
-        ff = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        ff = self.linear2(ffn_activation(self.dropout, self.linear1(src), self.fused_ffn))
         return add_norm(self.norm2, self.dropout2, ff, src, self.fused_norm)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False, packed_proj=False):
+    def __init__(self, d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm=False, packed_proj=False,
+                 fused_ffn=False):
         super().__init__()
-        self.fused_norm, self.packed_proj = fused_norm, packed_proj
+        self.fused_norm, self.packed_proj, self.fused_ffn = fused_norm, packed_proj, fused_ffn
         self.self_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.multihead_attn = MultiheadAttention(d_model, nheads, dropout, attn_impl)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -151,7 +162,7 @@ class DecoderLayer(nn.Module):
         else:
             tgt2 = self.multihead_attn(tgt + query_pos, memory + pos, memory, memory_mask)
         tgt = add_norm(self.norm2, self.dropout2, tgt2, tgt, self.fused_norm)
-        ff = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        ff = self.linear2(ffn_activation(self.dropout, self.linear1(tgt), self.fused_ffn))
         return add_norm(self.norm3, self.dropout3, ff, tgt, self.fused_norm)
 
 
@@ -190,10 +201,10 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     def __init__(self, d_model=256, nheads=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048,
-                 dropout=0.1, attn_impl="fused", fused_norm=False, packed_proj=False):
+                 dropout=0.1, attn_impl="fused", fused_norm=False, packed_proj=False, fused_ffn=False):
         super().__init__()
         self.d_model, self.nheads = d_model, nheads
-        layer_args = (d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm, packed_proj)
+        layer_args = (d_model, nheads, dim_feedforward, dropout, attn_impl, fused_norm, packed_proj, fused_ffn)
         self.encoder = Encoder([EncoderLayer(*layer_args) for _ in range(num_encoder_layers)])
         self.decoder = Decoder([DecoderLayer(*layer_args) for _ in range(num_decoder_layers)], d_model)
         for p in self.parameters():

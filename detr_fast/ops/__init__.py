@@ -6,8 +6,9 @@ from detr_fast.ops.assignment import linear_assignment
 from detr_fast.ops.attention import attention
 from detr_fast.ops.bias_act import bias_act
 from detr_fast.ops.box import box_loss, matching_cost
-from detr_fast.ops.layernorm import add_dropout_layernorm
+from detr_fast.ops.layernorm import add_dropout_layernorm, relu_dropout
 
-__all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "bias_act",
+__all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "relu_dropout",
+           "bias_act",
            "reference",
            "backends", "extension_loaded", "has_kernel"]

@@ -6,7 +6,8 @@ import warnings
 
 import torch
 
-OPS = ("matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "bias_act")
+OPS = ("matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "relu_dropout",
+       "bias_act")
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,6 +38,7 @@ from detr_fast.ops._ext import extension_loaded, has_kernel, warn_fallback
 CUDA_MAX_D = 8192
 
 _HAS_KERNEL = {dev: has_kernel("add_dropout_layernorm", dev) for dev in ("cpu", "cuda")}
+_HAS_RELU_DROPOUT = {dev: has_kernel("relu_dropout", dev) for dev in ("cpu", "cuda")}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -95,6 +96,30 @@ def dropout_mask(rng_state: torch.Tensor, rows: int, d: int, p: float) -> torch.
     return torch.ops.detr_fast.add_dropout_layernorm_mask(rng_state, rows, d, float(p))
 
 
+def relu_dropout(x: torch.Tensor, p: float = 0.0, training: bool = False) -> torch.Tensor:
+    """dropout(relu(x), p) in one pass: the transformer FFN's activation. -> x's shape and dtype.
+
+    The keep mask is the add_dropout_layernorm stream with x viewed as [rows, d] (`dropout_mask` rebuilds it from the
+    rng_state of relu_dropout_with_state); the backward needs only the output (grad / (1 - p) where it is positive,
+    else 0), so it regenerates nothing. Without training or with p == 0 it is torch.relu(x)."""
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"relu_dropout: dropout probability p must lie in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return torch.relu(x)
+    dev = x.device.type
+    if not _HAS_RELU_DROPOUT.get(dev, False):
+        warn_fallback("relu_dropout", f"no relu_dropout kernel built for device {dev}")
+        return reference.relu_dropout(x, p, True)
+    return torch.ops.detr_fast.relu_dropout(x, p)[0]
+
+
+def relu_dropout_with_state(x: torch.Tensor, p: float, seed=None, offset: int = 0):
+    """The kernel op itself (dropout active whenever p > 0): -> (out, rng_state [2] int64 = (seed, offset)).
+    Differentiable in x through out. With `seed` given, the stream (seed, offset) is used instead of the generator."""
+    return torch.ops.detr_fast.relu_dropout(x, float(p), seed, offset)
+
+
 def _acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -136,6 +161,30 @@ def _register() -> None:
         return dx, dres, dw, db, None, None, None, None
 
     torch.library.register_autograd("detr_fast::add_dropout_layernorm", _backward, setup_context=_setup_context)
+
+    @torch.library.register_fake("detr_fast::relu_dropout")
+    def _relu_dropout_fake(x, p, seed=None, offset=0):
+        torch._check(x.dim() >= 1, lambda: "relu_dropout: x must have at least one dimension")
+        return x.new_empty(x.shape), x.new_empty((2,), dtype=torch.int64)
+
+    @torch.library.register_fake("detr_fast::relu_dropout_backward")
+    def _relu_dropout_backward_fake(grad_out, out, p):
+        return out.new_empty(out.shape)
+
+    def _relu_setup_context(ctx, inputs, output):
+        out, rng_state = output
+        ctx.save_for_backward(out)  # the output alone gives the gradient
+        ctx.p = inputs[1]
+        ctx.mark_non_differentiable(rng_state)
+        ctx.set_materialize_grads(False)
+
+    def _relu_backward(ctx, grad_out, grad_rng):
+        (out,) = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None
+        return torch.ops.detr_fast.relu_dropout_backward(grad_out, out, ctx.p), None, None, None
+
+    torch.library.register_autograd("detr_fast::relu_dropout", _relu_backward, setup_context=_relu_setup_context)
 
 
 if extension_loaded() and hasattr(torch.ops.detr_fast, "add_dropout_layernorm"):

@@ -213,6 +213,20 @@ def add_dropout_layernorm(x, residual, weight, bias, p=0.0, training=False, eps=
     return F.layer_norm(h.to(weight.dtype), (d,), weight, bias.to(weight.dtype), eps).to(h.dtype)
 
 
+def relu_dropout(x, p=0.0, training=False, *, dropout_mask=None):
+    """dropout(relu(x), p): F.relu then dropout when training and p > 0, with the given keep mask dropout_mask (bool,
+    x's shape or one that reshapes to it, such as the op's [rows, d] mask; kept values scaled by 1 / (1 - p)) or one
+    drawn with torch's generator."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability p must lie in [0, 1), got {p}")
+    y = F.relu(x)
+    if training and p > 0:
+        if dropout_mask is not None:
+            return y * dropout_mask.reshape(x.shape).to(y.dtype) / (1.0 - p)
+        return F.dropout(y, p)
+    return y
+
+
 def bias_act(x, bias, residual=None, relu=True):
     """relu(x + bias + residual) with bias [C] broadcast over dimension 1 (the channels) of x [N, C, ...].
 
