@@ -87,8 +87,8 @@ stage tests_new 180 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDI
   tests/test_data.py tests/test_fast_path.py tests/test_packed_proj.py tests/test_flat_cast.py tests/test_attention.py \
   tests/test_relu_dropout.py
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
-COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end"}
-stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act \
+COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end|relu_dropout enc FFN"}
+stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout \
   --compile-filter "$COMPILE_FILTER" --json "$OUT/bench_ops.json"
 if [ -f benchmarks/bench_assignment.py ]; then
   stage bench_assignment 120 $PY benchmarks/bench_assignment.py --device cuda --quick

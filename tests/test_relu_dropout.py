@@ -211,3 +211,17 @@ def test_model_fused_ffn():
     ffn = [n for n in runs[0][1] if "linear1" in n or "linear2" in n]
     assert ffn and all(torch.isfinite(runs[0][1][n]).all() for n in ffn)
     assert not torch.equal(runs[0][0], plain.train()(images, mask)["all_boxes"].detach())  # dropout did act
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_registry_cases(device):
+    """Every registered validation case (the ones `detr-fast validate` runs) passes, fresh inputs each time."""
+    from detr_fast.ops.registry import cases, run_case
+
+    found = [c for c in cases("relu_dropout", device=device) if "bench" not in c.tags]
+    assert len(found) >= 8
+    seed = int(torch.randint(0, 1 << 30, ()))
+    for i, case in enumerate(found):
+        for dtype in case.dtypes:
+            r = run_case(case, device, dtype, seed + i)
+            assert r.passed, (case.name, r)
