@@ -433,21 +433,10 @@ __global__ void ln_mask_kernel(const int64_t* rng, int64_t rows, int64_t d, uint
 }
 
 // relu_dropout: one thread per 4-element group (row, c4) of x viewed as [rows, d], grid-stride; the keep bits of
-// the group are one Philox block of the add_dropout_layernorm stream.
-struct ReluDropoutParams {
-  const void* x;
-  void* out;
-  int64_t rows, d;
-  float keep_scale;
-  double keep_scale64;
-  uint32_t threshold;
-  bool dropout, vec;
-  at::PhiloxCudaState philox;
-  int64_t* rng_out;
-};
-
+// the group are one Philox block of the add_dropout_layernorm stream. Reads x, out, rows, d, the dropout fields,
+// philox and rng_out of FwdParams (the LayerNorm fields stay unset).
 template <typename scalar_t>
-__global__ void __launch_bounds__(256) relu_dropout_kernel(ReluDropoutParams p) {
+__global__ void __launch_bounds__(256) relu_dropout_kernel(FwdParams p) {
   using acc_t = typename AccOf<scalar_t>::type;
   const auto seeds = at::cuda::philox::unpack(p.philox);
   const uint64_t seed = std::get<0>(seeds), offset = std::get<1>(seeds);
@@ -678,7 +667,7 @@ std::tuple<at::Tensor, at::Tensor> relu_dropout_cuda(const at::Tensor& x_in, dou
   at::Tensor out = at::empty(x.sizes(), x.options());
   at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
   const int64_t d = std::max<int64_t>(x.size(-1), 1), rows = x.numel() / d;
-  ReluDropoutParams prm{};
+  FwdParams prm{};
   prm.x = x.data_ptr();
   prm.out = out.data_ptr();
   prm.rows = rows;
