@@ -90,8 +90,9 @@ class MultiheadAttention(nn.Module):
         B, L, d = x_pos.shape
         w_qk, w_v = self.in_proj_weight.split([2 * d, d])
         b_qk, b_v = self.in_proj_bias.split([2 * d, d])
-        # [2, B, H, L, hd] unbound (one stack in the backward, where indexing would zero-fill a buffer per half)
-        q, k = F.linear(x_pos, w_qk, b_qk).view(B, L, 2, self.nheads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        # split, not indexed: the backward joins the two halves' gradients (which arrive in the attention kernels'
+        # [B, L, H, hd] layout, as [B, L, d] views) with one concatenation, and indexing would zero-fill a buffer each
+        q, k = (self.heads(t) for t in F.linear(x_pos, w_qk, b_qk).split(d, -1))
         return self.attend(q, k, self.heads(F.linear(x, w_v, b_v)), key_padding_mask)
 
 
