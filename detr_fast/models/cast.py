@@ -10,6 +10,10 @@ summed in the low precision, as autocast's weight cache does. Outputs and gradie
 plain autocast (tests/test_flat_cast.py). Without autocast, for parameters that are not float32, or while
 torch.compile traces (Inductor fuses the casts itself), nothing changes.
 
+The price is one more copy of these weights each way (the concatenation: about 140 MB forward and 70 MB backward
+for DETR's 17 M transformer weights), small next to a GPU's bandwidth and the ~400 launches it removes, but a net
+loss on a CPU (benchmarks/RESULTS.md).
+
 One consequence for DistributedDataParallel: the gradients of all these parameters are produced together, when the
 backward reaches the input projection (the one cast's backward needs all of its inputs' gradients), so DDP's
 all-reduce of them starts there rather than layer by layer.
