@@ -136,16 +136,23 @@ def test_flat_cast_function_values_and_gradients():
     shapes = [(7, 5), (5,), (1,), (3, 2, 3, 1), (0, 4), (6,)]
     params = [(torch.randn(s, generator=g) * 10).requires_grad_() for s in shapes]
     params[3] = params[3].detach().transpose(0, 1).requires_grad_()  # a non-contiguous input
+    cl = (torch.randn(4, 3, 3, 5, generator=g) * 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    params.append(cl)  # a channels_last weight: its copy and its gradient keep the layout
     for dtype in (torch.bfloat16, torch.float16):
         outs = _FlatCast.apply(dtype, *params)
         for p, o in zip(params, outs):
             assert o.shape == p.shape and o.dtype == dtype and torch.equal(o, p.detach().to(dtype))
         ups = [torch.randn(o.shape, generator=g).to(dtype) for o in outs]
-        torch.autograd.backward([outs[i] for i in (0, 1, 3, 4, 5)], [ups[i] for i in (0, 1, 3, 4, 5)])
+        used = (0, 1, 3, 4, 5, 6)
+        torch.autograd.backward([outs[i] for i in used], [ups[i].contiguous(memory_format=torch.channels_last)
+                                                          if i == 6 else ups[i] for i in used])
+        assert outs[-1].is_contiguous(memory_format=torch.channels_last)
+        assert params[-1].grad.is_contiguous(memory_format=torch.channels_last)
         for i, p in enumerate(params):
             want = torch.zeros_like(p) if i == 2 else ups[i].float()
             assert p.grad.dtype == torch.float32 and torch.equal(p.grad, want), i
             p.grad = None
+        assert len(outs) == len(params)
 
 
 def test_flat_cast_targets_are_the_matrix_weights():

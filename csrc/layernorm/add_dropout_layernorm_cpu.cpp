@@ -39,6 +39,14 @@ Rng cpu_dropout_state(double p, std::optional<int64_t> seed, int64_t offset) {
   return r;
 }
 
+// rng_state [2] int64 = (seed, offset), as the ops return it.
+at::Tensor rng_tensor(const Rng& rng, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({2}, options.dtype(at::kLong));
+  t.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(rng.seed);
+  t.mutable_data_ptr<int64_t>()[1] = static_cast<int64_t>(rng.offset);
+  return t;
+}
+
 Rng read_rng(const at::Tensor& rng_state) {
   const at::Tensor rs = rng_state.contiguous();
   return Rng{static_cast<uint64_t>(rs.const_data_ptr<int64_t>()[0]),
@@ -186,9 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
   at::Tensor mean = at::empty({rows}, x.options().dtype(acc));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
   const Rng rng = cpu_dropout_state(p, seed, offset);
-  at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
-  rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(rng.seed);
-  rng_state.mutable_data_ptr<int64_t>()[1] = static_cast<int64_t>(rng.offset);
+  const at::Tensor rng_state = rng_tensor(rng, x.options());
   if (rows == 0) return {out, mean, rstd, rng_state};
   if (ln_mixed(x, r)) {
     if (x.scalar_type() == at::kHalf) {
@@ -260,9 +266,7 @@ std::tuple<at::Tensor, at::Tensor> relu_dropout_cpu(const at::Tensor& x_in, doub
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options());
   const Rng rng = cpu_dropout_state(p, seed, offset);
-  at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
-  rng_state.mutable_data_ptr<int64_t>()[0] = static_cast<int64_t>(rng.seed);
-  rng_state.mutable_data_ptr<int64_t>()[1] = static_cast<int64_t>(rng.offset);
+  const at::Tensor rng_state = rng_tensor(rng, x.options());
   if (x.numel() == 0) return {out, rng_state};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "relu_dropout_cpu",
                                   [&] { relu_dropout_kernel<scalar_t>(x, out, p, rng); });

@@ -19,6 +19,13 @@ inline at::ScalarType ln_acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The floating dtypes the kernels take for x.
+inline void check_ln_float(const at::Tensor& x, const char* op) {
+  const at::ScalarType dt = x.scalar_type();
+  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+             ": x must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
 // x float16/bfloat16 with a float32 residual: the kernels read x in its own dtype (no cast pass before them).
 inline bool ln_mixed(const at::Tensor& x, const at::Tensor& residual) {
   return (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) && residual.scalar_type() == at::kFloat;
@@ -50,9 +57,7 @@ inline void check_ln_inputs(const at::Tensor& x, const at::Tensor& residual, con
   const char* op = "add_dropout_layernorm";
   DETR_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op, ": x must have shape [..., d] with d >= 1, got ", x.sizes());
   check_float(x, "add_dropout_layernorm: x");
-  const at::ScalarType dt = x.scalar_type();
-  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-             ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  check_ln_float(x, op);
   DETR_CHECK(residual.sizes() == x.sizes(), op, ": x and residual must have the same shape, got ", x.sizes(),
              " and ", residual.sizes());
   check_ln_dtypes(x, residual, op);
@@ -67,9 +72,7 @@ inline void check_ln_backward_inputs(const at::Tensor& grad_out, const at::Tenso
   const char* op = "add_dropout_layernorm_backward";
   DETR_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op, ": x must have shape [..., d] with d >= 1, got ", x.sizes());
   check_float(x, "add_dropout_layernorm_backward: x");
-  const at::ScalarType dt = x.scalar_type();
-  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-             ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  check_ln_float(x, op);
   DETR_CHECK(grad_out.sizes() == x.sizes() && residual.sizes() == x.sizes(), op,
              ": grad_out and residual must have x's shape ", x.sizes(), ", got ", grad_out.sizes(), " and ",
              residual.sizes());
@@ -103,9 +106,7 @@ inline void check_ln_mask_args(const at::Tensor& rng_state, int64_t rows, int64_
 // relu_dropout(x, p) and its backward (grad_out, out, p): x any floating dtype, [..., d] with at least one dimension.
 inline void check_relu_dropout(const at::Tensor& x, double p, const char* op) {
   DETR_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
-  const at::ScalarType dt = x.scalar_type();
-  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-             ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  check_ln_float(x, op);
   DETR_CHECK(p >= 0.0 && p < 1.0, op, ": dropout probability p must lie in [0, 1), got ", p);
 }
 

@@ -26,31 +26,52 @@ import torch
 from torch import nn
 
 
-class _FlatCast(torch.autograd.Function):
-    """(dtype, *params) -> the params cast to dtype, as views of one buffer; backward: one concatenation and one
-    cast of the incoming gradients."""
-
-    @staticmethod
-    def forward(ctx, dtype, *params):
-        ctx.shapes = [p.shape for p in params]
-        ctx.numels = [p.numel() for p in params]
-        ctx.param_dtype = params[0].dtype
-        flat = torch.cat([_flat(p) for p in params]).to(dtype)
-        return _unflatten(flat, ctx.numels, ctx.shapes)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        flat = torch.cat([_flat(g) for g in grads]).to(ctx.param_dtype)
-        return (None, *_unflatten(flat, ctx.numels, ctx.shapes))
+def autocast_dtype(x: torch.Tensor, t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast gives t as an operand of a matrix product or convolution on x's device (t's own dtype
+    without autocast, and for tensors autocast leaves alone: not floating point, or float64)."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and t.is_floating_point() and t.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
 
 
-# 1-D tensors (biases) are used as they are: each view is a dispatch of its own, and host time is what this saves
-def _flat(t):
+def channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor stored channels_last (and not also plainly contiguous, as 1x1 kernels can be)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def flatten(t: torch.Tensor) -> torch.Tensor:
+    """t's elements in its memory order, 1-D (a view when t is dense in its layout; a contiguous 1-D tensor itself,
+    as each view is a dispatch of host time of its own). A channels_last weight keeps each output channel's elements
+    one contiguous run of fan_in values, as a contiguous one does."""
+    if channels_last(t):
+        return t.permute(0, 2, 3, 1).reshape(-1)
     return t if t.dim() == 1 and t.is_contiguous() else t.reshape(-1)
 
 
-def _unflatten(flat, numels, shapes):
-    return tuple(v if len(s) == 1 else v.view(s) for v, s in zip(flat.split(numels), shapes))
+def unflatten(flat: torch.Tensor, numels: list, shapes: list, cl: list) -> tuple:
+    """Views of flat shaped (and strided, channels_last where cl) as the tensors flatten took."""
+    out = []
+    for v, s, c in zip(flat.split(numels), shapes, cl):
+        out.append(v.view(s[0], s[2], s[3], s[1]).permute(0, 3, 1, 2) if c else v if len(s) == 1 else v.view(s))
+    return tuple(out)
+
+
+class _FlatCast(torch.autograd.Function):
+    """(dtype, *params) -> the params cast to dtype, as views of one buffer in their own layouts; backward: one
+    concatenation and one cast of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        ctx.meta = ([p.numel() for p in params], [p.shape for p in params], [channels_last(p) for p in params])
+        ctx.param_dtype = params[0].dtype
+        flat = torch.cat([flatten(p) for p in params]).to(dtype)
+        return unflatten(flat, *ctx.meta)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        flat = torch.cat([flatten(g) for g in grads]).to(ctx.param_dtype)
+        return (None, *unflatten(flat, *ctx.meta))
 
 
 def cast_targets(modules) -> list[tuple[nn.Module, str]]:
@@ -75,12 +96,6 @@ def cast_targets(modules) -> list[tuple[nn.Module, str]]:
     return found
 
 
-def _autocast_dtype(device_type: str):
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
 @contextmanager
 def flat_cast(targets: list[tuple[nn.Module, str]]):
     """Within the block, each target parameter is replaced on its module by its autocast-dtype copy, all made by one
@@ -88,12 +103,12 @@ def flat_cast(targets: list[tuple[nn.Module, str]]):
     parameters are not all float32 on one device, or while torch.compile traces. The parameters are restored on
     exit, also when the block raises."""
     params = [m._parameters[name] for m, name in targets]
-    dtype = None
+    dtype = torch.float32
     if params and not torch.compiler.is_compiling():
         dev = params[0].device
         if all(p.dtype == torch.float32 and p.device == dev for p in params):
-            dtype = _autocast_dtype(dev.type)
-    if dtype is None or dtype == torch.float32:
+            dtype = autocast_dtype(params[0], params[0])
+    if dtype == torch.float32:
         yield
         return
     low = _FlatCast.apply(dtype, *params)

@@ -36,6 +36,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from detr_fast.models.cast import autocast_dtype, channels_last, flatten, unflatten
 from detr_fast.ops import bias_act
 
 
@@ -53,14 +54,6 @@ def _capturing(x: torch.Tensor) -> bool:
 def _may_cache(x: torch.Tensor) -> bool:
     """Host-side caches are bypassed while torch.compile traces and while a CUDA graph is being captured."""
     return not torch.compiler.is_compiling() and not _capturing(x)
-
-
-def _autocast_dtype(x: torch.Tensor, t: torch.Tensor) -> torch.dtype:
-    """The dtype autocast gives t as an operand of a convolution on x's device (t's own dtype without autocast)."""
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and t.is_floating_point() and t.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return t.dtype
 
 
 class _ScaleCast(torch.autograd.Function):
@@ -135,7 +128,7 @@ class FoldedConv2d(nn.Module):
         if self._lent is not None:  # computed with every other convolution of the trunk (TrunkFold, in a capture)
             weight, scale, shift, shift_low = self._lent
             if weight is None:  # trainable: the gradient reaches W through the product
-                weight = _fold_trainable(self.weight, scale, _autocast_dtype(x, self.weight))
+                weight = _fold_trainable(self.weight, scale, autocast_dtype(x, self.weight))
             return weight, shift_low if cast_shift and shift_low is not None else shift
         bn, w = self._bn, self.weight
         bufs = (bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -143,11 +136,11 @@ class FoldedConv2d(nn.Module):
             scale, shift = self._scale_shift_now()
             shift = shift.to(x.dtype) if cast_shift and x.dtype == w.dtype else shift
             if w.requires_grad and not torch.compiler.is_compiling() and not scale.requires_grad:  # in a capture
-                return _fold_trainable(w, scale, _autocast_dtype(x, w)), shift
+                return _fold_trainable(w, scale, autocast_dtype(x, w)), shift
             return w * scale.to(w.dtype), shift
         bn_key = tuple(_key(t) for t in bufs) + (bn.eps,)
         scale, shift = self._cached("scale_shift", bn_key, bufs, self._scale_shift_now)
-        wdt = _autocast_dtype(x, w)
+        wdt = autocast_dtype(x, w)
         if cast_shift and shift.dtype != wdt:
             shift = self._cached("shift_cast", (bn_key, wdt), bufs, lambda: shift.to(wdt))
         if w.requires_grad:  # recomputed every forward: the gradient reaches W through the product
@@ -189,25 +182,6 @@ def _as_folded_bn(bn: FrozenBatchNorm2d) -> FoldedFrozenBatchNorm2d:
     return new
 
 
-def _channels_last(t: torch.Tensor) -> bool:
-    """A 4-D tensor stored channels_last (and not also plainly contiguous, as 1x1 kernels can be)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _flatten(t: torch.Tensor) -> torch.Tensor:
-    """t's elements in its memory order (a view when t is dense in its layout); each output channel's elements stay
-    one contiguous run of fan_in values in either layout."""
-    return t.permute(0, 2, 3, 1).reshape(-1) if _channels_last(t) else t.reshape(-1)
-
-
-def _unflatten(flat: torch.Tensor, numels: list, shapes: list, cl: list) -> tuple:
-    """Views of flat shaped (and strided, channels_last where cl) as the tensors _flatten took."""
-    out = []
-    for v, s, c in zip(flat.split(numels), shapes, cl):
-        out.append(v.view(s[0], s[2], s[3], s[1]).permute(0, 3, 1, 2) if c else v.view(s))
-    return tuple(out)
-
-
 class TrunkFold:
     """The folding of every FoldedConv2d of a trunk at once, for a forward that cannot use the per-convolution
     caches: while a CUDA graph is captured (model.flat_cast with fold_bn).
@@ -237,7 +211,7 @@ class TrunkFold:
         return True
 
     def _channel_index(self, convs: list, device) -> torch.Tensor:
-        """For each element of the convs' weights in _flatten order, its output channel among all of theirs: [n]
+        """For each element of the convs' weights in flatten order, its output channel among all of theirs: [n]
         int64 on device. Made on the host on the first call for a set of shapes (an eager warm-up step runs before
         any capture) and kept; the frozen weights it serves are small (ResNet-50: 0.2 M elements)."""
         key = (device, tuple(id(c) for c in convs))  # the convolutions' shapes are fixed; which are frozen is not
@@ -269,7 +243,7 @@ class TrunkFold:
             yield
             return
         w0 = self.convs[0].weight
-        wdt = _autocast_dtype(x, w0)
+        wdt = autocast_dtype(x, w0)
         frozen = [c for c in self.convs if not c.weight.requires_grad]
         order = frozen + [c for c in self.convs if c.weight.requires_grad]
         bns = [c._bn for c in order]
@@ -283,10 +257,10 @@ class TrunkFold:
             weights = [None] * len(order)
             if frozen:
                 ws = [c.weight for c in frozen]
-                flat = torch.cat([_flatten(w) for w in ws])
+                flat = torch.cat([flatten(w) for w in ws])
                 flat.mul_(scale.index_select(0, self._channel_index(frozen, w0.device)))  # frozen channels come first
-                weights[:len(frozen)] = _unflatten(flat.to(wdt), [w.numel() for w in ws], [w.shape for w in ws],
-                                                   [_channels_last(w) for w in ws])
+                weights[:len(frozen)] = unflatten(flat.to(wdt), [w.numel() for w in ws], [w.shape for w in ws],
+                                                  [channels_last(w) for w in ws])
         scales = [s.view(-1, 1, 1, 1) for s in scale.split(chans)]
         try:
             for c, w, sc, t, t_low in zip(order, weights, scales, shifts, lows):
