@@ -1,107 +1,21 @@
-// CUDA kernel of detr_fast::bias_act on the current stream: one grid-stride pass, each thread V contiguous
-// elements per step (V = 16 bytes / element size: one 16-byte load of x, one of residual, one store) when every
-// vector lies in one row of channels (inner == 1, C % V == 0) or in one channel's line (inner % V == 0) and the
-// pointers are 16-byte aligned; one element per step otherwise. Math in common/bias_act_math.h.
+// CUDA entry point of detr_fast::bias_act: argument checks and the device guard, then the launcher of
+// bias_act_kernels.cuh on the current stream.
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
-#include <cstdint>
-
-#include "bias_act/bias_act_common.h"
+#include "bias_act/bias_act_kernels.cuh"
 
 namespace detr_fast {
 namespace {
 
-constexpr int kThreads = 256;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-template <typename scalar_t, typename acc_t, int V, bool kResidual>
-__global__ void __launch_bounds__(kThreads)
-    bias_act_vec_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, const acc_t* __restrict__ b,
-                        scalar_t* __restrict__ out, int64_t nvec, int64_t C, int64_t inner, bool relu) {
-  using VecT = Vec<scalar_t, V>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < nvec; k += stride) {
-    const int64_t i0 = k * V;
-    const VecT xv = reinterpret_cast<const VecT*>(x)[k];
-    VecT rv;
-    if constexpr (kResidual) rv = reinterpret_cast<const VecT*>(r)[k];
-    const int64_t c0 = bias_act_channel(i0, C, inner);
-    VecT ov;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      // inner == 1: the vector holds channels c0 .. c0 + V - 1 of one row; otherwise V values of channel c0
-      const acc_t bj = inner == 1 ? b[c0 + j] : b[c0];
-      const acc_t rj = kResidual ? static_cast<acc_t>(rv.v[j]) : acc_t(0);
-      ov.v[j] = static_cast<scalar_t>(bias_act_value<acc_t>(static_cast<acc_t>(xv.v[j]), bj, rj, relu));
-    }
-    reinterpret_cast<VecT*>(out)[k] = ov;
-  }
-}
-
-template <typename scalar_t, typename acc_t, bool kResidual>
-__global__ void __launch_bounds__(kThreads)
-    bias_act_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ r, const acc_t* __restrict__ b,
-                    scalar_t* __restrict__ out, int64_t n, int64_t C, int64_t inner, bool relu) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
-    const acc_t rj = kResidual ? static_cast<acc_t>(r[i]) : acc_t(0);
-    out[i] = static_cast<scalar_t>(
-        bias_act_value<acc_t>(static_cast<acc_t>(x[i]), b[bias_act_channel(i, C, inner)], rj, relu));
-  }
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-template <typename scalar_t, bool kResidual>
-void launch(const BiasActLayout& l, bool relu, cudaStream_t stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int V = 16 / sizeof(scalar_t);
-  const int64_t n = l.x.numel(), C = l.C, inner = l.inner;
-  const scalar_t* x = l.x.const_data_ptr<scalar_t>();
-  const scalar_t* r = kResidual ? l.residual.const_data_ptr<scalar_t>() : nullptr;
-  const acc_t* b = l.bias_acc.const_data_ptr<acc_t>();
-  scalar_t* out = l.out.mutable_data_ptr<scalar_t>();
-  const bool vec = (inner == 1 ? C % V == 0 : inner % V == 0) && aligned16(x) && aligned16(out) &&
-                   (!kResidual || aligned16(r));
-  const int64_t work = vec ? n / V : n;
-  // Enough blocks to fill the device (8 resident blocks of 256 threads per SM), each striding over the rest.
-  const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
-  const auto blocks = static_cast<unsigned>(std::min<int64_t>(max_blocks, (work + kThreads - 1) / kThreads));
-  if (vec) {
-    bias_act_vec_kernel<scalar_t, acc_t, V, kResidual><<<blocks, kThreads, 0, stream>>>(x, r, b, out, work, C,
-                                                                                       inner, relu);
-  } else {
-    bias_act_kernel<scalar_t, acc_t, kResidual><<<blocks, kThreads, 0, stream>>>(x, r, b, out, n, C, inner, relu);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-at::Tensor bias_act_cuda(const at::Tensor& x_in, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+at::Tensor bias_act_cuda(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
                          bool relu) {
-  check_bias_act_inputs(x_in, bias, residual);
-  c10::cuda::CUDAGuard guard(x_in.device());
-  BiasActLayout l = bias_act_layout(x_in, residual);
-  if (l.x.numel() == 0) return l.out;
-  l.bias_acc = bias.to(bias_act_acc_dtype(x_in)).contiguous();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.x.scalar_type(), "bias_act_cuda", [&] {
-    if (l.residual.defined()) {
-      launch<scalar_t, true>(l, relu, stream);
-    } else {
-      launch<scalar_t, false>(l, relu, stream);
-    }
-  });
-  return l.out;
+  check_bias_act_inputs(x, bias, residual);
+  c10::cuda::CUDAGuard guard(x.device());
+  const LaunchCtx ctx{c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+  return bias_act_launch(x, bias, residual, relu, ctx);
 }
 
 }  // namespace

@@ -1,70 +1,25 @@
 // Host emulation of the CUDA attention kernels (csrc/attention/attention_kernels*.cuh), for machines without a GPU.
-// Each CTA runs as 128 std::threads; __syncthreads is a std::barrier over the block, a warp shuffle is an exchange
-// through a per-warp buffer between two warp barriers, and mma.m16n8k16 gathers the 32 lanes' fragments, rebuilds
-// the 16x16 A and 16x8 B tiles from the PTX fragment layout and gives each lane its accumulator elements (fp32
-// sums). Shared-memory arrays become function-level statics (blocks run one after another). The kernels'
-// indexing, masking, online softmax, dropout stream and backward algebra are thereby executed as written.
-// Built and driven by tests/attention_emulator/run.py.
+// Blocks of 128 threads run through tests/emulator/cuda_host.h (threads, __syncthreads, warp shuffles); on top of
+// it, mma.m16n8k16 gathers the 32 lanes' fragments, rebuilds the 16x16 A and 16x8 B tiles from the PTX fragment
+// layout and gives each lane its accumulator elements (fp32 sums). The kernels' indexing, masking, online softmax,
+// dropout stream and backward algebra are thereby executed as written. Built and driven by
+// tests/emulator/run_attention.py.
 #include <torch/extension.h>
+
+#include "cuda_host.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
-#include <barrier>
-#include <cmath>
-#include <cstring>
-#include <stdexcept>
-#include <thread>
-#include <vector>
-
-#undef __shared__
-#define __shared__ static
-#undef __launch_bounds__
-#define __launch_bounds__(x)
 #define __log2f log2f
 #define DETR_ATTN_EMULATE 1
-
-thread_local uint3 emu_thread_idx, emu_block_idx;
-#define threadIdx emu_thread_idx
-#define blockIdx emu_block_idx
 
 namespace detr_fast {
 namespace dev {
 
-struct Warp {
-  std::barrier<> bar{32};
-  float f[32];
-  uint32_t a[32][4];
-  uint32_t b[32][2];
-};
-struct Block {
-  std::barrier<> bar{128};
-  Warp warps[4];
-  bool flags[128];
-};
-inline Block* g_block = nullptr;
-
-inline float shfl_xor(float v, int lane_mask) {
-  const int lane = threadIdx.x % 32;
-  Warp& w = g_block->warps[threadIdx.x / 32];
-  w.f[lane] = v;
-  w.bar.arrive_and_wait();
-  const float r = w.f[lane ^ lane_mask];
-  w.bar.arrive_and_wait();
-  return r;
-}
-
-inline void block_sync() { g_block->bar.arrive_and_wait(); }
-
-inline bool block_any(bool pred) {
-  g_block->flags[threadIdx.x] = pred;
-  g_block->bar.arrive_and_wait();
-  bool any = false;
-  for (int i = 0; i < 128; ++i) any = any || g_block->flags[i];
-  g_block->bar.arrive_and_wait();
-  return any;
-}
+inline float shfl_xor(float v, int lane_mask) { return emu::shfl_xor(v, lane_mask); }
+inline void block_sync() { emu::syncthreads(); }
+inline bool block_any(bool pred) { return emu::block_any(pred); }
 
 inline uint4 ldg16(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) throw std::runtime_error("misaligned 16-byte load");
@@ -91,8 +46,8 @@ inline float half_bits<__half>(uint32_t bits) {
 
 template <typename T>
 void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  const int lane = threadIdx.x % 32;
-  Warp& w = g_block->warps[threadIdx.x / 32];
+  const int lane = emu::lane();
+  emu::Warp& w = emu::warp();
   for (int e = 0; e < 4; ++e) w.a[lane][e] = a[e];
   w.b[lane][0] = b0;
   w.b[lane][1] = b1;
@@ -130,18 +85,7 @@ namespace {
 
 template <typename K>
 void run_grid(K kernel, int64_t blocks, const AttnParams& p) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    dev::Block blk;
-    dev::g_block = &blk;
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < 128; ++t)
-      threads.emplace_back([&, t] {
-        emu_thread_idx = make_uint3(t, 0, 0);
-        emu_block_idx = make_uint3(static_cast<unsigned>(b), 0, 0);
-        kernel(p);
-      });
-    for (auto& th : threads) th.join();
-  }
+  emu::run_grid(kernel, dim3(static_cast<unsigned>(blocks)), dim3(128), p);
 }
 
 AttnParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double dp) {

@@ -1,6 +1,6 @@
 """Run the CUDA attention kernels on the CPU through the host emulator and compare them with reference.attention.
 
-    PYTHONPATH=. python tests/attention_emulator/run.py [--quick]
+    PYTHONPATH=. python tests/emulator/run_attention.py [--quick]
 
 Builds attention_emulator.cpp (the kernels of csrc/attention/attention_kernels*.cuh compiled for the host, lanes
 as threads) with torch.utils.cpp_extension and checks forward and backward of the fp32, fp16 and bf16 kernels for
@@ -10,12 +10,10 @@ the tensor's scale), fp16/bf16 within twice the error of the reference computed 
 the pytest suite (the build takes a few minutes); a development check for machines without a GPU.
 """
 import argparse
-import hashlib
 import os
 import sys
 
 import torch
-from torch.utils.cpp_extension import load
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -25,19 +23,12 @@ from detr_fast.ops import reference  # noqa: E402
 from detr_fast.ops.attention import dropout_mask  # noqa: E402
 from detr_fast.ops.cases_attention import compare  # noqa: E402
 
+sys.path.insert(0, HERE)
+from build import build as build_emulator  # noqa: E402
+
 
 def build():
-    # The extension name carries a hash of the kernel headers: torch's build cache looks at the sources only.
-    digest = hashlib.sha1()
-    for d in (os.path.join(ROOT, "csrc", "attention"), os.path.join(ROOT, "csrc", "common"), HERE):
-        for name in sorted(os.listdir(d)):
-            if name.endswith((".h", ".cuh", ".cpp")):
-                with open(os.path.join(d, name), "rb") as f:
-                    digest.update(f.read())
-    return load(f"detr_fast_attention_emulator_{digest.hexdigest()[:12]}",
-                [os.path.join(HERE, "attention_emulator.cpp")],
-                extra_include_paths=[os.path.join(ROOT, "csrc"), "/usr/local/cuda/include"],
-                extra_cflags=["-std=c++20", "-O2", "-fno-strict-aliasing", "-w"], verbose=False)
+    return build_emulator("detr_fast_attention_emulator", "attention_emulator.cpp", ["attention"], opt="-O2")
 
 
 def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, strided=False):

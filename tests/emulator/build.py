@@ -1,0 +1,39 @@
+"""Build a host emulator of CUDA kernels (a C++ file on top of cuda_host.h) with torch.utils.cpp_extension.
+
+The extension's name carries a hash of the kernel headers and the emulator sources: torch's build cache looks at
+the listed source file only, so an edited kernel header would otherwise reuse a stale build.
+"""
+import hashlib
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def cuda_include() -> str | None:
+    """The CUDA toolkit's include directory (cuda_runtime.h: dim3, the half types), or None when there is none."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for home in (os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return os.path.join(home, "include")
+    return None
+
+
+def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1"):
+    """Compile tests/emulator/<source> against csrc/; kernel_dirs (relative to csrc/) are hashed into the name."""
+    from torch.utils.cpp_extension import load
+
+    include = cuda_include()
+    if include is None:
+        raise RuntimeError("the CUDA toolkit's headers (cuda_runtime.h) were not found; set CUDA_HOME")
+    digest = hashlib.sha1()
+    for d in [os.path.join(CSRC, k) for k in kernel_dirs] + [os.path.join(CSRC, "common"), HERE]:
+        for fname in sorted(os.listdir(d)):
+            if fname.endswith((".h", ".cuh", ".cpp")):
+                with open(os.path.join(d, fname), "rb") as f:
+                    digest.update(f.read())
+    return load(f"{name}_{digest.hexdigest()[:12]}", [os.path.join(HERE, source)],
+                extra_include_paths=[CSRC, HERE, include],
+                extra_cflags=["-std=c++20", opt, "-fno-strict-aliasing", "-w"], verbose=False)

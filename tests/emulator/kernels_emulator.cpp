@@ -1,0 +1,87 @@
+// Host emulation of the CUDA kernels of add_dropout_layernorm (forward, backward, mask), relu_dropout (forward,
+// backward) and bias_act, for machines without a GPU (CI among them): csrc/layernorm/layernorm_kernels.cuh and
+// csrc/bias_act/bias_act_kernels.cuh compiled for the host on top of tests/emulator/cuda_host.h. The launchers of
+// those headers run as the device build runs them (dtype dispatch, vector paths, grid sizes, the backward's
+// partial sums); `sms` stands in for the device's SM count, so a small value makes the grid-stride loops go round.
+// Each entry point checks its arguments as the CUDA op does. Dropout needs an explicit seed (there is no device
+// generator to draw one from). Driven by tests/test_cuda_emulated.py.
+#include <torch/extension.h>
+
+#include "cuda_host.h"
+
+#include "bias_act/bias_act_kernels.cuh"
+#include "layernorm/layernorm_kernels.cuh"
+
+namespace detr_fast {
+namespace {
+
+LaunchCtx emu_ctx(int64_t sms) {
+  DETR_CHECK(sms >= 1, "emulator: sms must be at least 1, got ", sms);
+  return {nullptr, static_cast<int>(sms)};
+}
+
+at::PhiloxCudaState explicit_philox(double p, std::optional<int64_t> seed, int64_t offset) {
+  if (p <= 0.0) return at::PhiloxCudaState(0, 0);
+  DETR_CHECK(seed.has_value(), "emulator: dropout needs an explicit seed");
+  check_ln_seed(seed, offset);
+  return at::PhiloxCudaState(static_cast<uint64_t>(*seed), static_cast<uint64_t>(offset));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_ln_forward(
+    const at::Tensor& x, const at::Tensor& r, const at::Tensor& weight, const at::Tensor& bias, double p, double eps,
+    std::optional<int64_t> seed, int64_t offset, int64_t sms) {
+  check_ln_inputs(x, r, weight, bias, p, eps);
+  check_cuda_d(x);
+  return ln_forward(x, r, weight, bias, p, eps, explicit_philox(p, seed, offset), emu_ctx(sms));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> emu_ln_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& r, const at::Tensor& weight,
+    const at::Tensor& mean, const at::Tensor& rstd, double p, const at::Tensor& rng_state, int64_t sms) {
+  check_ln_backward_inputs(grad_out, x, r, weight, mean, rstd, p, rng_state);
+  check_cuda_d(x);
+  return ln_backward(grad_out, x, r, weight, mean, rstd, p, rng_state, emu_ctx(sms));
+}
+
+at::Tensor emu_ln_mask(const at::Tensor& rng_state, int64_t rows, int64_t d, double p, int64_t sms) {
+  check_ln_mask_args(rng_state, rows, d, p);
+  return ln_mask(rng_state, rows, d, p, emu_ctx(sms));
+}
+
+std::tuple<at::Tensor, at::Tensor> emu_relu_dropout(const at::Tensor& x, double p, std::optional<int64_t> seed,
+                                                    int64_t offset, int64_t sms) {
+  check_relu_dropout(x, p, "relu_dropout");
+  return relu_dropout_forward(x, p, explicit_philox(p, seed, offset), emu_ctx(sms));
+}
+
+at::Tensor emu_relu_dropout_backward(const at::Tensor& grad_out, const at::Tensor& out, double p, int64_t sms) {
+  check_relu_dropout_backward(grad_out, out, p);
+  return relu_dropout_backward(grad_out, out, p, emu_ctx(sms));
+}
+
+at::Tensor emu_bias_act(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
+                        bool relu, int64_t sms) {
+  check_bias_act_inputs(x, bias, residual);
+  return bias_act_launch(x, bias, residual, relu, emu_ctx(sms));
+}
+
+}  // namespace
+}  // namespace detr_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.def("add_dropout_layernorm", &detr_fast::emu_ln_forward, py::arg("x"), py::arg("residual"), py::arg("weight"),
+        py::arg("bias"), py::arg("p"), py::arg("eps"), py::arg("seed") = py::none(), py::arg("offset") = 0,
+        py::arg("sms") = 2);
+  m.def("add_dropout_layernorm_backward", &detr_fast::emu_ln_backward, py::arg("grad_out"), py::arg("x"),
+        py::arg("residual"), py::arg("weight"), py::arg("mean"), py::arg("rstd"), py::arg("p"),
+        py::arg("rng_state"), py::arg("sms") = 2);
+  m.def("add_dropout_layernorm_mask", &detr_fast::emu_ln_mask, py::arg("rng_state"), py::arg("rows"), py::arg("d"),
+        py::arg("p"), py::arg("sms") = 2);
+  m.def("relu_dropout", &detr_fast::emu_relu_dropout, py::arg("x"), py::arg("p"), py::arg("seed") = py::none(),
+        py::arg("offset") = 0, py::arg("sms") = 2);
+  m.def("relu_dropout_backward", &detr_fast::emu_relu_dropout_backward, py::arg("grad_out"), py::arg("out"),
+        py::arg("p"), py::arg("sms") = 2);
+  m.def("bias_act", &detr_fast::emu_bias_act, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
+        py::arg("sms") = 2);
+}

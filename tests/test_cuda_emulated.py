@@ -1,0 +1,287 @@
+"""The CUDA kernels of add_dropout_layernorm, relu_dropout and bias_act, run on the CPU through the host emulator
+(tests/emulator/kernels_emulator.cpp), here and in CI.
+
+The emulator compiles csrc/layernorm/layernorm_kernels.cuh and csrc/bias_act/bias_act_kernels.cuh for the host:
+each CUDA thread is a CPU thread, __syncthreads and warp shuffles are barriers, and the launchers run as in the
+device build (dtype dispatch, 4- and 16-byte vector paths, grid sizes, the backward's per-group partial sums), with
+`sms` standing in for the device's SM count (sms=1 makes every grid-stride loop go round). Outputs and gradients
+are compared with the float64 reference by the rule of cases_attention.compare (fp32/fp64 within 1e-5; fp16/bf16
+within twice the error of the reference computed in that precision), given the dropout mask of the CPU kernel,
+which must equal the emulated mask kernel's bit for bit. On a GPU the same kernels run in test_layernorm.py,
+test_relu_dropout.py and test_bias_act.py; what emulation cannot show (the device's fast-math rounding, races
+between blocks) is left to those.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from detr_fast.ops import has_kernel, reference
+from detr_fast.ops.cases_attention import LOW_PRECISION, compare
+from detr_fast.ops.cases_bias_act import make_inputs as bias_act_inputs
+from detr_fast.ops.cases_bias_act import references as bias_act_references
+from detr_fast.ops.cases_bias_act import same_layout
+from detr_fast.ops.cases_layernorm import make_inputs as ln_inputs
+from detr_fast.ops.layernorm import dropout_mask
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator"))
+from build import build, cuda_include  # noqa: E402
+
+pytestmark = [
+    pytest.mark.skipif(not has_kernel("add_dropout_layernorm", "cpu"), reason="detr_fast._C is not built"),
+    pytest.mark.skipif(cuda_include() is None, reason="no CUDA toolkit headers to compile the emulator against"),
+]
+
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+SEED, OFFSET = 0x5DEECE66D, 12
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return build("detr_fast_kernels_emulator", "kernels_emulator.cpp", ["layernorm", "bias_act"])
+
+
+def _assert_close(name, got, ref64, ref_low, dtype):
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    err, tol = compare(got, ref64, ref_low, dtype)
+    assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g}"
+
+
+# ---- add_dropout_layernorm ---------------------------------------------------------------------------------------
+
+def _ln_grads(x, residual, weight, bias, go, p, keep, eps=1e-5):
+    """(out, dx, dresidual, dweight, dbias) of the reference given keep, computed in the inputs' dtypes."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, residual, weight, bias)]
+    out = reference.add_dropout_layernorm(*leaves, p, keep is not None, eps, dropout_mask=keep)
+    return [out.detach(), *torch.autograd.grad(out, leaves, go)]
+
+
+def _ln_check(emu, x, residual, weight, bias, p, sms=2, eps=1e-5, stats=None):
+    """Emulated forward and backward against the reference; returns (out, dx, dresidual, dweight, dbias) and checks
+    rng_state; mean and rstd through `stats` when given (a dict)."""
+    out, mean, rstd, rng = emu.add_dropout_layernorm(x, residual, weight, bias, p, eps, SEED if p else None, OFFSET,
+                                                    sms=sms)
+    assert rng.tolist() == ([SEED, OFFSET] if p else [0, 0])
+    if stats is not None:
+        stats.update(mean=mean, rstd=rstd)
+    d = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    keep = None
+    if p > 0:
+        keep = dropout_mask(rng, rows, d, p)  # the CPU kernel's mask
+        assert torch.equal(emu.add_dropout_layernorm_mask(rng, rows, d, p, sms=sms), keep)
+    go = torch.randn(x.shape, generator=torch.Generator().manual_seed(d + rows)).to(residual.dtype)
+    got = [out, *emu.add_dropout_layernorm_backward(go, x, residual, weight, mean, rstd, p, rng, sms=sms)]
+    ref64 = _ln_grads(x.double(), residual.double(), weight.double(), bias.double(), go.double(), p, keep, eps)
+    # the low-precision reference: the op's own precision (x's dtype; the residual's when x is mixed with fp32)
+    dtype = residual.dtype
+    ref_low = None
+    if dtype in LOW_PRECISION:
+        ref_low = _ln_grads(x, residual, weight.to(dtype), bias.to(dtype), go, p, keep, eps)
+    for i, name in enumerate(("out", "dx", "dresidual", "dweight", "dbias")):
+        want = (residual.dtype, x.dtype, residual.dtype, weight.dtype, weight.dtype)[i]
+        assert got[i].dtype == want, f"{name}: dtype {got[i].dtype}, want {want}"
+        if name == "dx" and x.dtype != dtype:  # mixed: the fp32 rule plus one rounding to x's dtype
+            scale = max(ref64[i].abs().max().item(), 1.0) if ref64[i].numel() else 1.0
+            ulp = 2.0 ** -8 if x.dtype == torch.bfloat16 else 2.0 ** -11
+            err = (got[i].double() - ref64[i]).abs().max().item() if ref64[i].numel() else 0.0
+            assert err <= (ulp + 1e-5) * scale, f"dx: error {err:.3g}"
+            continue
+        _assert_close(name, got[i].to(dtype) if i >= 3 else got[i], ref64[i], ref_low[i] if ref_low else None, dtype)
+    return got
+
+
+# Every launch configuration: a warp per row with 1, 2, 4, 8 vectors per lane (d <= 128, 256, 512, 1024) and a
+# 256-thread block per row with 2, 4, 8 (d <= 2048, 4096, 8192); d % 4 == 0 (vector loads) and not; no rows.
+LN_SHAPES = [(1, 1), (4, 7), (3, 33), (17, 128), (5, 3, 256), (9, 510), (2, 1024), (3, 1025), (2, 2048), (2, 4100),
+             (1, 8192), (0, 256)]
+
+
+@pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", (0.0, 0.3))
+def test_layernorm_matches_reference(emu, shape, dtype, p):
+    gen = torch.Generator().manual_seed(hash((shape, p)) % 2**31)
+    x, residual, weight, bias = ln_inputs(shape, "cpu", dtype, gen)
+    stats = {}
+    _ln_check(emu, x, residual, weight, bias, p, stats=stats)
+    mean, rstd = stats["mean"], stats["rstd"]
+    rows = math.prod(shape[:-1])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert mean.shape == rstd.shape == (rows,) and mean.dtype == rstd.dtype == acc
+    if p == 0 and rows:
+        h = (x.double() + residual.double()).reshape(rows, -1)
+        torch.testing.assert_close(mean.double(), h.mean(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rstd.double(), (h.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("xdtype", LOW_PRECISION, ids=str)
+@pytest.mark.parametrize("shape", [(4, 7), (17, 128), (2, 1024), (3, 1025), (2, 4100)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", (0.0, 0.2))
+def test_layernorm_mixed_low_precision_x_float32_residual(emu, xdtype, shape, p):
+    """Autocast's residual stream: a bf16/fp16 x read as it is, an fp32 residual, out and dresidual in fp32; bit for
+    bit what the fp32 kernel gives on x cast to fp32 first (dx then rounded once to x's dtype)."""
+    gen = torch.Generator().manual_seed(hash((shape, p, str(xdtype))) % 2**31)
+    x, residual, weight, bias = ln_inputs(shape, "cpu", torch.float32, gen)
+    x = x.to(xdtype)
+    mixed = _ln_check(emu, x, residual, weight, bias, p)
+    upcast = _ln_check(emu, x.float(), residual, weight, bias, p)
+    for i, name in enumerate(("out", "dx", "dresidual", "dweight", "dbias")):
+        assert torch.equal(mixed[i], upcast[i].to(xdtype) if name == "dx" else upcast[i]), name
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_layernorm_float32_parameters(emu, dtype):
+    gen = torch.Generator().manual_seed(21)
+    x, residual, weight, bias = ln_inputs((37, 256), "cpu", dtype, gen, param_dtype=torch.float32)
+    _ln_check(emu, x, residual, weight, bias, 0.1)
+
+
+@pytest.mark.parametrize("d", (256, 2048))
+def test_layernorm_unaligned_and_strided(emu, d):
+    """d % 4 == 0 but x and residual start off a vector boundary (the scalar path), and strided views."""
+    gen = torch.Generator().manual_seed(d)
+    x, residual, weight, bias = ln_inputs((5 * d + 1,), "cpu", torch.float32, gen)
+    x, residual = x[1:].view(5, d), residual[1:].view(5, d)
+    assert x.data_ptr() % 16 != 0
+    _ln_check(emu, x, residual, weight[:d], bias[:d], 0.25)
+    xt = torch.randn(d, 6, generator=gen).t()
+    _ln_check(emu, xt, torch.randn(6, 2 * d, generator=gen)[:, ::2], weight[:d], bias[:d], 0.0)
+
+
+@pytest.mark.parametrize("sms", (1, 3, 64))
+def test_layernorm_backward_grid_sizes(emu, sms):
+    """The backward's groups fold several rows each (sms=1: 2 blocks for 61 rows) or one (sms=64); equal results."""
+    gen = torch.Generator().manual_seed(5)
+    for shape in ((61, 96), (13, 1500)):
+        x, residual, weight, bias = ln_inputs(shape, "cpu", torch.float32, gen)
+        _ln_check(emu, x, residual, weight, bias, 0.2, sms=sms)
+
+
+def test_layernorm_zero_rows_write_rng_state(emu):
+    x, residual, weight, bias = ln_inputs((0, 64), "cpu", torch.float32, torch.Generator().manual_seed(0))
+    out, mean, rstd, rng = emu.add_dropout_layernorm(x, residual, weight, bias, 0.5, 1e-5, 77, 4)
+    assert out.shape == (0, 64) and mean.shape == (0,) and rng.tolist() == [77, 4]
+
+
+@pytest.mark.parametrize("rows,d", [(1, 1), (3, 5), (64, 100), (9, 8192), (1000, 3)])
+def test_layernorm_mask_kernel_equals_cpu(emu, rows, d):
+    for p in (0.1, 0.6):
+        rng = torch.tensor([SEED + rows, (1 << 32) - 2])  # offset + row crosses a 32-bit boundary
+        assert torch.equal(emu.add_dropout_layernorm_mask(rng, rows, d, p, sms=1), dropout_mask(rng, rows, d, p))
+
+
+def test_layernorm_bad_inputs(emu):
+    x = torch.randn(3, 8)
+    w, b = torch.ones(8), torch.zeros(8)
+    with pytest.raises(ValueError, match="d must be at most 8192"):
+        emu.add_dropout_layernorm(torch.randn(1, 8200), torch.randn(1, 8200), torch.ones(8200), torch.zeros(8200),
+                                  0.0, 1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        emu.add_dropout_layernorm(x, torch.randn(3, 9), w, b, 0.0, 1e-5)
+    with pytest.raises(ValueError, match="explicit seed"):
+        emu.add_dropout_layernorm(x, x, w, b, 0.1, 1e-5)
+
+
+# ---- relu_dropout --------------------------------------------------------------------------------------------------
+
+def _relu_dropout_check(emu, x, p, sms=2):
+    out, rng = emu.relu_dropout(x, p, SEED if p else None, OFFSET, sms=sms)
+    assert rng.tolist() == ([SEED, OFFSET] if p else [0, 0])
+    assert out.dtype == x.dtype and out.shape == x.shape
+    rows, d = math.prod(x.shape[:-1]), x.shape[-1]
+    keep = dropout_mask(rng, rows, d, p) if p > 0 else None
+    go = torch.randn(x.shape, generator=torch.Generator().manual_seed(rows + d)).to(x.dtype)
+    dx = emu.relu_dropout_backward(go, out, p, sms=sms)
+
+    def ref(dt):
+        t = x.detach().to(dt).requires_grad_(True)
+        y = reference.relu_dropout(t, p, p > 0, dropout_mask=keep)
+        (g,) = torch.autograd.grad(y, t, go.to(dt)) if y.numel() else (torch.zeros_like(t),)
+        return y.detach(), g
+
+    r64 = ref(torch.float64)
+    rlow = ref(x.dtype) if x.dtype in LOW_PRECISION else None
+    for i, (name, got) in enumerate((("out", out), ("dx", dx))):
+        assert got.dtype == x.dtype
+        _assert_close(name, got, r64[i], rlow[i] if rlow else None, x.dtype)
+
+
+RD_SHAPES = [(1, 1), (4, 7), (3, 33), (17, 128), (5, 3, 256), (0, 256), (2, 1025), (9, 2048)]
+
+
+@pytest.mark.parametrize("shape", RD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", (0.0, 0.1, 0.5))
+def test_relu_dropout_matches_reference(emu, shape, dtype, p):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(hash((shape, p)) % 2**31)).to(dtype)
+    _relu_dropout_check(emu, x, p)
+
+
+def test_relu_dropout_unaligned_grid_stride_and_specials(emu):
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(7 * 64 + 1, generator=gen)[1:].view(7, 64)  # d % 4 == 0, off a vector boundary
+    assert x.data_ptr() % 16 != 0
+    _relu_dropout_check(emu, x, 0.3, sms=1)
+    x = torch.randn(300, 40, generator=gen)  # 3000 vectors over 8 blocks of 256 threads: grid-stride
+    _relu_dropout_check(emu, x, 0.3, sms=1)
+    s = torch.tensor([[float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0, 2.0]])
+    out, rng = emu.relu_dropout(s, 0.0, None, 0)
+    ref = reference.relu_dropout(s, 0.0, False)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out[~ref.isnan()], ref[~ref.isnan()])
+
+
+def test_relu_dropout_empty_writes_rng_state(emu):
+    out, rng = emu.relu_dropout(torch.empty(0, 16), 0.2, 5, 8)
+    assert out.shape == (0, 16) and rng.tolist() == [5, 8]
+
+
+# ---- bias_act ----------------------------------------------------------------------------------------------------
+
+# As test_bias_act.SHAPES: odd sizes, channels_last with C a multiple of every vector width (16-byte vectors: 8, 16,
+# 64 channels) and not (3, 5); inner sizes with and without a multiple of the vector width; 2-D, 3-D and empty.
+BA_SHAPES = [((2, 3, 5, 7), False), ((2, 3, 5, 7), True), ((3, 16, 9, 11), True), ((2, 64, 13, 6), True),
+             ((2, 8, 4, 4), False), ((1, 5, 1, 1), True), ((4, 37), False), ((2, 8, 33), False), ((4, 16), False),
+             ((2, 24, 16), False), ((0, 16, 4, 4), True), ((2, 16, 0, 5), False)]
+
+
+def _bias_act_check(emu, x, bias, residual, relu, sms=2):
+    out = emu.bias_act(x, bias, residual, relu, sms=sms)
+    assert out.dtype == x.dtype and same_layout(out, x), "output dtype / layout"
+    ref64, ref_low = bias_act_references(x, bias, residual, relu)
+    _assert_close("out", out, ref64, ref_low, x.dtype)
+
+
+@pytest.mark.parametrize("shape,cl", BA_SHAPES, ids=lambda s: "x".join(map(str, s)) if isinstance(s, tuple) else
+                         ("cl" if s else "nchw"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual", (True, False), ids=("res", "nores"))
+@pytest.mark.parametrize("relu", (True, False), ids=("relu", "norelu"))
+def test_bias_act_matches_reference(emu, shape, cl, dtype, residual, relu):
+    gen = torch.Generator().manual_seed(hash((shape, cl, residual, relu)) % 2**31)
+    x, bias, r = bias_act_inputs(shape, "cpu", dtype, gen, residual=residual, channels_last=cl)
+    _bias_act_check(emu, x, bias, r, relu)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_bias_act_float32_bias(emu, dtype):
+    for shape, cl in (((2, 16, 5, 8), True), ((2, 16, 5, 8), False)):
+        x, bias, r = bias_act_inputs(shape, "cpu", dtype, torch.Generator().manual_seed(3), bias_fp32=True,
+                                     channels_last=cl)
+        _bias_act_check(emu, x, bias, r, True)
+
+
+def test_bias_act_unaligned_and_grid_stride(emu):
+    """A 16-byte-vector shape whose x starts off a 16-byte boundary takes the scalar path; sms=1 with many vectors
+    makes the grid-stride loop go round on both paths."""
+    gen = torch.Generator().manual_seed(4)
+    n = 2 * 16 * 8 * 8
+    x = torch.randn(n + 1, generator=gen)[1:].view(2, 16, 8, 8)
+    assert x.data_ptr() % 16 != 0
+    _bias_act_check(emu, x, torch.randn(16, generator=gen), None, True, sms=1)
+    for cl in (False, True):
+        x, bias, r = bias_act_inputs((8, 32, 24, 24), "cpu", torch.bfloat16, gen, channels_last=cl)
+        _bias_act_check(emu, x, bias, r, True, sms=1)
