@@ -1,8 +1,9 @@
 """Shared test helpers: device parametrization whose CUDA case is skipped without a GPU; a Python Philox4x32-10; an
-operator counter."""
+operator counter; the check of add_dropout_layernorm's saved statistics."""
 import collections
 
 import pytest
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -33,3 +34,16 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def assert_layernorm_stats(x, residual, mean, rstd, eps=1e-5):
+    """add_dropout_layernorm's saved statistics without dropout: mean and rstd of residual + x per row, in the
+    accumulation dtype (float64 for float64 inputs, float32 otherwise)."""
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert mean.shape == rstd.shape == (rows,) and mean.dtype == rstd.dtype == acc
+    if rows:
+        h = (x.double() + residual.double()).reshape(rows, d).cpu()
+        torch.testing.assert_close(mean.double().cpu(), h.mean(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rstd.double().cpu(), (h.var(-1, unbiased=False) + eps).rsqrt(), rtol=1e-5, atol=0)

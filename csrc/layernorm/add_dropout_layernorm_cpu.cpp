@@ -186,13 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
     const at::Tensor& x_in, const at::Tensor& r_in, const at::Tensor& weight, const at::Tensor& bias, double p,
     double eps, std::optional<int64_t> seed, int64_t offset) {
   check_ln_inputs(x_in, r_in, weight, bias, p, eps);
-  const at::ScalarType acc = ln_acc_dtype(x_in);
-  const at::Tensor x = x_in.contiguous(), r = r_in.contiguous();
-  const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
-  const int64_t d = x.size(-1), rows = x.numel() / d;
-  at::Tensor out = at::empty(x.sizes(), r.options());
-  at::Tensor mean = at::empty({rows}, x.options().dtype(acc));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
+  LnForwardIO io = ln_forward_io(x_in, r_in, weight, bias);
+  const at::Tensor &x = io.x, &r = io.r, &w = io.w, &b = io.b;
+  at::Tensor &out = io.out, &mean = io.mean, &rstd = io.rstd;
+  const int64_t rows = io.rows;
   const Rng rng = cpu_dropout_state(p, seed, offset);
   const at::Tensor rng_state = rng_tensor(rng, x.options());
   if (rows == 0) return {out, mean, rstd, rng_state};
@@ -215,11 +212,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_dropout_layernorm
     const at::Tensor& mean_in, const at::Tensor& rstd_in, double p, const at::Tensor& rng_state) {
   check_ln_backward_inputs(grad_out, x_in, r_in, weight, mean_in, rstd_in, p, rng_state);
   const at::ScalarType acc = ln_acc_dtype(x_in);
-  const at::Tensor x = x_in.contiguous(), r = r_in.contiguous(), go = grad_out.contiguous();
-  const at::Tensor w = weight.to(acc).contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
-  const int64_t d = x.size(-1);
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dr = at::empty(x.sizes(), r.options());
+  LnBackwardIO io = ln_backward_io(grad_out, x_in, r_in, weight, mean_in, rstd_in);
+  const at::Tensor &x = io.x, &r = io.r, &go = io.go, &w = io.w, &mean = io.mean, &rstd = io.rstd;
+  at::Tensor &dx = io.dx, &dr = io.dr;
+  const int64_t d = io.d;
   at::Tensor dw = at::zeros({d}, x.options().dtype(acc));
   at::Tensor db = at::zeros({d}, x.options().dtype(acc));
   const Rng rng = p > 0.0 ? read_rng(rng_state) : Rng{};

@@ -119,6 +119,51 @@ inline void check_relu_dropout_backward(const at::Tensor& grad_out, const at::Te
   check_same_device(out, grad_out, "relu_dropout_backward: out", "grad_out");
 }
 
+// The operands of the forward, contiguous (weight and bias in the accumulation dtype), and its outputs allocated
+// like them: the CPU and CUDA entry points share this before their kernels.
+struct LnForwardIO {
+  at::Tensor x, r, w, b, out, mean, rstd;
+  int64_t d = 0, rows = 0;
+};
+
+inline LnForwardIO ln_forward_io(const at::Tensor& x, const at::Tensor& r, const at::Tensor& weight,
+                                 const at::Tensor& bias) {
+  const at::ScalarType acc = ln_acc_dtype(x);
+  LnForwardIO io;
+  io.x = x.contiguous();
+  io.r = r.contiguous();
+  io.w = weight.to(acc).contiguous();
+  io.b = bias.to(acc).contiguous();
+  io.d = x.size(-1);
+  io.rows = x.numel() / io.d;
+  io.out = at::empty(x.sizes(), io.r.options());
+  io.mean = at::empty({io.rows}, io.x.options().dtype(acc));
+  io.rstd = at::empty({io.rows}, io.x.options().dtype(acc));
+  return io;
+}
+
+// The backward's operands, contiguous (weight in the accumulation dtype), and its input gradients allocated.
+struct LnBackwardIO {
+  at::Tensor go, x, r, w, mean, rstd, dx, dr;
+  int64_t d = 0, rows = 0;
+};
+
+inline LnBackwardIO ln_backward_io(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& r,
+                                   const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& rstd) {
+  LnBackwardIO io;
+  io.go = grad_out.contiguous();
+  io.x = x.contiguous();
+  io.r = r.contiguous();
+  io.w = weight.to(ln_acc_dtype(x)).contiguous();
+  io.mean = mean.contiguous();
+  io.rstd = rstd.contiguous();
+  io.d = x.size(-1);
+  io.rows = x.numel() / io.d;
+  io.dx = at::empty(x.sizes(), io.x.options());
+  io.dr = at::empty(x.sizes(), io.r.options());
+  return io;
+}
+
 inline void check_ln_seed(std::optional<int64_t> seed, int64_t offset) {
   DETR_CHECK(!seed.has_value() || (*seed >= 0 && offset >= 0),
              "add_dropout_layernorm: seed and offset must be non-negative");

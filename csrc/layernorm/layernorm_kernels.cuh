@@ -520,13 +520,10 @@ inline unsigned elementwise_blocks(int64_t n, int sms) {
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_forward(
     const at::Tensor& x_in, const at::Tensor& r_in, const at::Tensor& weight, const at::Tensor& bias, double p,
     double eps, const at::PhiloxCudaState& philox, const LaunchCtx& ctx) {
-  const at::ScalarType acc = ln_acc_dtype(x_in);
-  const at::Tensor x = x_in.contiguous(), r = r_in.contiguous();
-  const at::Tensor w = weight.to(acc).contiguous(), b = bias.to(acc).contiguous();
-  const int64_t d = x.size(-1), rows = x.numel() / d;
-  at::Tensor out = at::empty(x.sizes(), r.options());
-  at::Tensor mean = at::empty({rows}, x.options().dtype(acc));
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(acc));
+  LnForwardIO io = ln_forward_io(x_in, r_in, weight, bias);
+  const at::Tensor &x = io.x, &r = io.r, &w = io.w, &b = io.b;
+  at::Tensor &out = io.out, &mean = io.mean, &rstd = io.rstd;
+  const int64_t d = io.d, rows = io.rows;
   at::Tensor rng_state = at::empty({2}, x.options().dtype(at::kLong));
 
   FwdParams prm{};
@@ -565,12 +562,11 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_backward(
     const at::Tensor& mean_in, const at::Tensor& rstd_in, double p, const at::Tensor& rng_state,
     const LaunchCtx& ctx) {
   const at::ScalarType acc = ln_acc_dtype(x_in);
-  const at::Tensor x = x_in.contiguous(), r = r_in.contiguous(), go = grad_out.contiguous();
-  const at::Tensor w = weight.to(acc).contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  LnBackwardIO io = ln_backward_io(grad_out, x_in, r_in, weight, mean_in, rstd_in);
+  const at::Tensor &x = io.x, &r = io.r, &go = io.go, &w = io.w, &mean = io.mean, &rstd = io.rstd;
+  at::Tensor &dx = io.dx, &dr = io.dr;
   const at::Tensor rng = rng_state.contiguous();
-  const int64_t d = x.size(-1), rows = x.numel() / d;
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dr = at::empty(x.sizes(), r.options());
+  const int64_t d = io.d, rows = io.rows;
   if (rows == 0) {
     at::Tensor z = at::zeros({d}, weight.options());
     return {dx, dr, z, z.clone()};

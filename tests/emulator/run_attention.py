@@ -82,27 +82,37 @@ def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, stride
     return ok
 
 
+# (B, H, Lq, Lk, D, dtype, masked, p[, seed, offset, strided]): both head dims, all three kernels' dtypes, odd
+# lengths, key tiles past the first 64 fully padded, a fully padded image, one key, one query, dropout, and q, k, v
+# as head views of [B, L, H, D] projections.
+CASES = [
+    (1, 1, 16, 16, 32, torch.bfloat16, False, 0.0),
+    (2, 2, 70, 75, 32, torch.bfloat16, True, 0.0),
+    (2, 1, 7, 130, 64, torch.float16, True, 0.0),
+    (2, 1, 97, 33, 64, torch.bfloat16, True, 0.25),
+    (2, 2, 70, 75, 32, torch.float32, True, 0.0),
+    (2, 1, 37, 45, 64, torch.float32, True, 0.3),
+    (1, 2, 65, 1, 32, torch.float16, False, 0.1),
+    (1, 1, 1, 7, 32, torch.float32, False, 0.0),
+    (2, 1, 50, 200, 32, torch.bfloat16, True, 0.1),
+    (2, 3, 130, 70, 64, torch.float16, True, 0.2, 99, 5, True),
+    (2, 3, 40, 70, 32, torch.float32, True, 0.0, 0, 0, True),
+]
+
+
+def label(case) -> str:
+    B, H, Lq, Lk, D, dtype, masked, p = case[:8]
+    strided = len(case) > 10 and case[10]
+    return f"B{B}H{H}q{Lq}k{Lk}D{D}-{str(dtype)[6:]}{'-mask' if masked else ''}-p{p}{'-strided' if strided else ''}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
     emu = build()
-    cases = [
-        (1, 1, 16, 16, 32, torch.bfloat16, False, 0.0),
-        (2, 2, 70, 75, 32, torch.bfloat16, True, 0.0),
-        (2, 1, 7, 130, 64, torch.float16, True, 0.0),
-        (2, 1, 97, 33, 64, torch.bfloat16, True, 0.25),
-        (2, 2, 70, 75, 32, torch.float32, True, 0.0),
-        (2, 1, 37, 45, 64, torch.float32, True, 0.3),
-        (1, 2, 65, 1, 32, torch.float16, False, 0.1),
-        (1, 1, 1, 7, 32, torch.float32, False, 0.0),
-        (2, 1, 50, 200, 32, torch.bfloat16, True, 0.1),
-        (2, 3, 130, 70, 64, torch.float16, True, 0.2, 99, 5, True),
-        (2, 3, 40, 70, 32, torch.float32, True, 0.0, 0, 0, True),
-    ]
-    if a.quick:
-        cases = cases[:2]
+    cases = CASES[:2] if a.quick else CASES
     results = [run_case(emu, *c) for c in cases]
     print(f"{sum(results)}/{len(results)} passed")
     return 0 if all(results) else 1
