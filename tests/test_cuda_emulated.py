@@ -1,5 +1,5 @@
-"""The CUDA kernels of add_dropout_layernorm, relu_dropout and bias_act, run on the CPU through the host emulator
-(tests/emulator/kernels_emulator.cpp), here and in CI.
+"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act and attention, run on the CPU through the host
+emulator of tests/emulator/, here and in CI; and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
 
 The emulator compiles csrc/layernorm/layernorm_kernels.cuh and csrc/bias_act/bias_act_kernels.cuh for the host:
 each CUDA thread is a CPU thread, __syncthreads and warp shuffles are barriers, and the launchers run as in the
@@ -7,12 +7,14 @@ device build (dtype dispatch, 4- and 16-byte vector paths, grid sizes, the backw
 `sms` standing in for the device's SM count (sms=1 makes every grid-stride loop go round). Outputs and gradients
 are compared with the float64 reference by the rule of cases_attention.compare (fp32/fp64 within 1e-5; fp16/bf16
 within twice the error of the reference computed in that precision), given the dropout mask of the CPU kernel,
-which must equal the emulated mask kernel's bit for bit. On a GPU the same kernels run in test_layernorm.py,
+which must equal the emulated mask kernel's bit for bit. The attention kernels (forward, dq and dk/dv; fp32 and
+mma.sync bf16/fp16) run through attention_emulator.cpp with tests/emulator/run_attention.py's cases. On a GPU the same kernels run in test_layernorm.py,
 test_relu_dropout.py and test_bias_act.py; what emulation cannot show (the device's fast-math rounding, races
 between blocks) is left to those.
 """
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -28,6 +30,8 @@ from detr_fast.ops.cases_layernorm import make_inputs as ln_inputs
 from detr_fast.ops.layernorm import dropout_mask
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator"))
+import race_check  # noqa: E402
+import run_attention  # noqa: E402
 from build import build, cuda_include  # noqa: E402
 
 pytestmark = [
@@ -282,3 +286,27 @@ def test_bias_act_unaligned_and_grid_stride(emu):
     for cl in (False, True):
         x, bias, r = bias_act_inputs((8, 32, 24, 24), "cpu", torch.bfloat16, gen, channels_last=cl)
         _bias_act_check(emu, x, bias, r, True, sms=1)
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def attention_emu():
+    return run_attention.build()
+
+
+@pytest.mark.parametrize("case", run_attention.CASES, ids=run_attention.label)
+def test_attention_kernels_match_reference(attention_emu, case):
+    """Forward (output, log-sum-exp) and backward (dq, dk, dv) against the fp64 reference given the kernel's own
+    dropout mask; outputs and gradients laid out [B, L, H, D] as the CUDA entry points allocate them."""
+    assert run_attention.run_case(attention_emu, *case)
+
+
+# ---- races within a block ----------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(race_check.tsan_runtime() is None, reason="no ThreadSanitizer runtime (libtsan) for c++")
+def test_kernels_have_no_data_races_within_a_block():
+    """race_check.py: a deliberately racing kernel must be reported, then every kernel above runs with no report."""
+    proc = subprocess.run([sys.executable, race_check.__file__], capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "race check passed" in proc.stdout

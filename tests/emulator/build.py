@@ -3,6 +3,7 @@
 The extension's name carries a hash of the kernel headers and the emulator sources: torch's build cache looks at
 the listed source file only, so an edited kernel header would otherwise reuse a stale build.
 """
+import glob
 import hashlib
 import os
 
@@ -21,8 +22,10 @@ def cuda_include() -> str | None:
     return None
 
 
-def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1"):
-    """Compile tests/emulator/<source> against csrc/; kernel_dirs (relative to csrc/) are hashed into the name."""
+def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1", sanitize: str | None = None):
+    """Compile tests/emulator/<source> against csrc/; kernel_dirs (relative to csrc/) are hashed into the name.
+    Returns the loaded module; with sanitize (e.g. "thread": -fsanitize=thread) the built library's path instead, to be
+    loaded by a process that has the sanitizer's runtime preloaded."""
     from torch.utils.cpp_extension import load
 
     include = cuda_include()
@@ -34,6 +37,23 @@ def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1"):
             if fname.endswith((".h", ".cuh", ".cpp")):
                 with open(os.path.join(d, fname), "rb") as f:
                     digest.update(f.read())
-    return load(f"{name}_{digest.hexdigest()[:12]}", [os.path.join(HERE, source)],
-                extra_include_paths=[CSRC, HERE, include],
-                extra_cflags=["-std=c++20", opt, "-fno-strict-aliasing", "-w"], verbose=False)
+    cflags = ["-std=c++20", opt, "-fno-strict-aliasing", "-w"]
+    if not sanitize:
+        return load(f"{name}_{digest.hexdigest()[:12]}", [os.path.join(HERE, source)],
+                    extra_include_paths=[CSRC, HERE, include], extra_cflags=cflags, verbose=False)
+    # A sanitized library loads only into a process with the sanitizer's runtime preloaded: build it, let the import
+    # here fail, and return the library's path.
+    from torch.utils.cpp_extension import _get_build_directory
+
+    full = f"{name}_{sanitize}san_{digest.hexdigest()[:12]}"
+    build_dir = _get_build_directory(full, verbose=False)
+    try:
+        load(full, [os.path.join(HERE, source)], extra_include_paths=[CSRC, HERE, include],
+             extra_cflags=cflags + ["-g", f"-fsanitize={sanitize}"], extra_ldflags=[f"-fsanitize={sanitize}"],
+             build_directory=build_dir, verbose=False)
+    except ImportError:
+        pass
+    libs = sorted(glob.glob(os.path.join(build_dir, f"{full}*.so")), key=os.path.getmtime)
+    if not libs:
+        raise RuntimeError(f"the sanitized emulator {full} was not built in {build_dir}")
+    return libs[-1]

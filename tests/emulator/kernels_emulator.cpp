@@ -65,6 +65,21 @@ at::Tensor emu_bias_act(const at::Tensor& x, const at::Tensor& bias, const std::
   return bias_act_launch(x, bias, residual, relu, emu_ctx(sms));
 }
 
+// The emulator's own check (tests/emulator/race_check.py): each thread reads its neighbour's shared-memory slot,
+// after a __syncthreads when `sync`, racing with the neighbour's write otherwise; returns what was read.
+__global__ void neighbour_read_kernel(float* out, bool sync) {
+  __shared__ float slot[64];
+  slot[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (sync) __syncthreads();
+  out[blockIdx.x * 64 + threadIdx.x] = slot[(threadIdx.x + 1) % 64];
+}
+
+at::Tensor emu_neighbour_read(bool sync) {
+  at::Tensor out = at::empty({2, 64});
+  launch_kernel(neighbour_read_kernel, dim3(2), dim3(64), nullptr, out.data_ptr<float>(), sync);
+  return out;
+}
+
 }  // namespace
 }  // namespace detr_fast
 
@@ -82,6 +97,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset") = 0, py::arg("sms") = 2);
   m.def("relu_dropout_backward", &detr_fast::emu_relu_dropout_backward, py::arg("grad_out"), py::arg("out"),
         py::arg("p"), py::arg("sms") = 2);
+  m.def("neighbour_read", &detr_fast::emu_neighbour_read, py::arg("sync"));
   m.def("bias_act", &detr_fast::emu_bias_act, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
         py::arg("sms") = 2);
 }

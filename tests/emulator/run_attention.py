@@ -6,8 +6,8 @@ Builds attention_emulator.cpp (the kernels of csrc/attention/attention_kernels*.
 as threads) with torch.utils.cpp_extension and checks forward and backward of the fp32, fp16 and bf16 kernels for
 head dims 32 and 64, odd lengths, per-image padding, fully padded images and dropout (the keep mask from the
 CPU op attention_dropout_mask). Errors follow the test rule: fp32 within 1e-5 of the fp64 reference (relative to
-the tensor's scale), fp16/bf16 within twice the error of the reference computed in that precision. Not part of
-the pytest suite (the build takes a few minutes); a development check for machines without a GPU.
+the tensor's scale), fp16/bf16 within twice the error of the reference computed in that precision. The same cases
+run in the test suite (tests/test_cuda_emulated.py).
 """
 import argparse
 import os
@@ -27,8 +27,8 @@ sys.path.insert(0, HERE)
 from build import build as build_emulator  # noqa: E402
 
 
-def build():
-    return build_emulator("detr_fast_attention_emulator", "attention_emulator.cpp", ["attention"], opt="-O2")
+def build(sanitize=None):
+    return build_emulator("detr_fast_attention_emulator", "attention_emulator.cpp", ["attention"], sanitize=sanitize)
 
 
 def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, strided=False):
