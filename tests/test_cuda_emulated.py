@@ -1,5 +1,5 @@
-"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act and attention, run on the CPU through the host
-emulator of tests/emulator/, here and in CI; and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
+"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, linear_assignment and attention, run on the CPU
+through the host emulator of tests/emulator/, here and in CI; and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
 
 The emulator compiles csrc/layernorm/layernorm_kernels.cuh and csrc/bias_act/bias_act_kernels.cuh for the host:
 each CUDA thread is a CPU thread, __syncthreads and warp shuffles are barriers, and the launchers run as in the
@@ -7,7 +7,8 @@ device build (dtype dispatch, 4- and 16-byte vector paths, grid sizes, the backw
 `sms` standing in for the device's SM count (sms=1 makes every grid-stride loop go round). Outputs and gradients
 are compared with the float64 reference by the rule of cases_attention.compare (fp32/fp64 within 1e-5; fp16/bf16
 within twice the error of the reference computed in that precision), given the dropout mask of the CPU kernel,
-which must equal the emulated mask kernel's bit for bit. The attention kernels (forward, dq and dk/dv; fp32 and
+which must equal the emulated mask kernel's bit for bit. linear_assignment's block solver (warp bids with atomics,
+block reductions, __syncthreads_or, dynamic shared memory) is checked against scipy. The attention kernels (forward, dq and dk/dv; fp32 and
 mma.sync bf16/fp16) run through attention_emulator.cpp with tests/emulator/run_attention.py's cases. On a GPU the same kernels run in test_layernorm.py,
 test_relu_dropout.py and test_bias_act.py; what emulation cannot show (the device's fast-math rounding, races
 between blocks) is left to those.
@@ -17,11 +18,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_layernorm_stats
 
 from detr_fast.ops import has_kernel, reference
+from detr_fast.ops.assignment import check_assignment
+from detr_fast.ops.cases_assignment import FAMILIES, REL_TOL, make_costs, totals
 from detr_fast.ops.cases_attention import LOW_PRECISION, compare
 from detr_fast.ops.cases_bias_act import make_inputs as bias_act_inputs
 from detr_fast.ops.cases_bias_act import references as bias_act_references
@@ -32,7 +36,7 @@ from detr_fast.ops.layernorm import dropout_mask
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator"))
 import race_check  # noqa: E402
 import run_attention  # noqa: E402
-from build import build, cuda_include  # noqa: E402
+from build import build_kernels, cuda_include  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(not has_kernel("add_dropout_layernorm", "cpu"), reason="detr_fast._C is not built"),
@@ -45,13 +49,19 @@ SEED, OFFSET = 0x5DEECE66D, 12
 
 @pytest.fixture(scope="module")
 def emu():
-    return build("detr_fast_kernels_emulator", "kernels_emulator.cpp", ["layernorm", "bias_act"])
+    return build_kernels()
 
 
 def _assert_close(name, got, ref64, ref_low, dtype):
     assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
     err, tol = compare(got, ref64, ref_low, dtype)
     assert err <= tol, f"{name}: error {err:.3g} > tolerance {tol:.3g}"
+
+
+def test_emulator_reports_a_divergent_barrier(emu):
+    """A thread that returns while its block waits at __syncthreads is an error, not a hang."""
+    with pytest.raises(RuntimeError, match="barrier can never complete"):
+        emu.divergent_barrier()
 
 
 # ---- add_dropout_layernorm ---------------------------------------------------------------------------------------
@@ -286,6 +296,70 @@ def test_bias_act_unaligned_and_grid_stride(emu):
     for cl in (False, True):
         x, bias, r = bias_act_inputs((8, 32, 24, 24), "cpu", torch.bfloat16, gen, channels_last=cl)
         _bias_act_check(emu, x, bias, r, True, sms=1)
+
+
+# ---- linear_assignment -------------------------------------------------------------------------------------------
+
+ENGINES = {"auto": 0, "auction": 1, "ssp": 2}
+# Q <= 128 runs 128 threads, larger Q 256; T x Q costs up to 64 KiB are cached in shared memory (100 x 30 float64
+# is), larger ones read from global memory (300 x 300 float32 is not cached).
+LA_SIZES = [(1, 1, 4), (5, 5, 6), (7, 4, 8), (13, 9, 6), (34, 20, 4), (100, 30, 6), (100, 100, 1), (150, 7, 4),
+            (300, 30, 2)]
+
+
+def _assert_optimal(cost, n, out, what):
+    ours, ref, scale = totals(cost, n, out)
+    err = np.abs(ours - ref) - REL_TOL * scale
+    assert (err <= 0).all(), f"{what}: worst problem {err.argmax()} ours {ours[err.argmax()]} scipy {ref[err.argmax()]}"
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_assignment_matches_scipy(emu, engine, family):
+    gen = torch.Generator().manual_seed(hash((engine, family)) % 2**31)
+    for Q, T, num in LA_SIZES:
+        n = torch.randint(0, T + 1, (num,), generator=gen)
+        n[0] = T
+        for dtype in (torch.float32, torch.float64) if Q <= 34 else (torch.float64 if Q == 100 else torch.float32,):
+            cost = make_costs(family, (num, Q, T), n, gen, dtype)
+            out = emu.linear_assignment(cost, n, ENGINES[engine])
+            assert out.shape == (num, Q) and out.dtype == torch.int64
+            _assert_optimal(cost, n, out, f"{engine} {family} Q={Q} T={T} {dtype}")
+
+
+def test_assignment_uncached_costs_and_stacked_layers(emu):
+    """300 x 300 float32 costs (360 KiB) are read from global memory; a [L, B, Q, T] stack is L * B problems."""
+    gen = torch.Generator().manual_seed(11)
+    n = torch.tensor([300])
+    cost = make_costs("uniform", (1, 300, 300), n, gen)
+    _assert_optimal(cost, n, emu.linear_assignment(cost, n, 0), "300x300")
+    n = torch.tensor([3, 0, 7])
+    cost = make_costs("detr", (2, 3, 20, 7), n, gen)
+    out = emu.linear_assignment(cost, n, 0)
+    assert out.shape == (2, 3, 20)
+    for layer in range(2):
+        _assert_optimal(cost[layer], n, out[layer], f"layer {layer}")
+
+
+def test_assignment_padding_zero_targets_and_invalid(emu):
+    gen = torch.Generator().manual_seed(12)
+    B, Q, T = 4, 20, 12
+    n = torch.tensor([0, 3, 12, 5])
+    cost = make_costs("uniform", (B, Q, T), n, gen)
+    pad = ~(torch.arange(T)[None, :] < n[:, None])[:, None, :].expand(B, Q, T)
+    for fill in (-1e9, float("nan"), float("-inf")):
+        out = check_assignment(emu.linear_assignment(cost.masked_fill(pad, fill), n, 0))
+        for b in range(B):
+            assert ((out[b] < n[b]) | (out[b] == -1)).all() and (out[b] >= 0).sum() == n[b]
+        assert (out[0] == -1).all()
+    bad = cost.clone()
+    bad[1, 7, 2] = float("nan")  # a real target's cost: that problem is marked -2, the others are solved
+    out = emu.linear_assignment(bad, n, 0)
+    assert (out[1] == -2).all() and (out[0] == -1).all() and (out[2] >= 0).sum() == 12
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        check_assignment(out)
+    out = emu.linear_assignment(cost, torch.tensor([0, 3, 13, -1]), 0)  # num_targets outside [0, T]
+    assert (out[2] == -2).all() and (out[3] == -2).all() and (out[1] >= 0).sum() == 3
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------

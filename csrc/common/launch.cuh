@@ -5,7 +5,8 @@
 // on the CPU through emu::run_grid, so a kernel's launcher (grid sizes, vector paths, dtype dispatch) is exercised
 // by the emulator exactly as the device build runs it.
 //
-// LaunchCtx: what a launcher needs to know of the device: its stream and its number of SMs (grid sizing).
+// LaunchCtx: what a launcher needs to know of the device: its stream and its number of SMs (grid sizing; 0 where the
+// launcher does not use it).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -22,15 +23,34 @@ struct LaunchCtx {
   int sms;
 };
 
+// kernel<<<grid, block, smem_bytes, stream>>>(args...); above 48 KiB of dynamic shared memory the kernel is first
+// allowed that much (cudaFuncAttributeMaxDynamicSharedMemorySize).
 template <typename... P, typename... A>
-inline void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
+inline void launch_kernel_smem(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+                               A&&... args) {
 #ifdef DETR_EMULATE
   (void)stream;
-  emu::run_grid(kernel, grid, block, static_cast<P>(args)...);
+  emu::run_grid(kernel, grid, block, smem_bytes, static_cast<P>(args)...);
 #else
-  kernel<<<grid, block, 0, stream>>>(std::forward<A>(args)...);
+  if (smem_bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_bytes)));
+  }
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<A>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }
 
+template <typename... P, typename... A>
+inline void launch_kernel(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream, A&&... args) {
+  launch_kernel_smem(kernel, grid, block, 0, stream, std::forward<A>(args)...);
+}
+
 }  // namespace detr_fast
+
+// DF_DYNAMIC_SMEM(name): `unsigned char name[]`, the block's dynamic shared memory (16-byte aligned), inside a kernel.
+#ifdef DETR_EMULATE
+#define DF_DYNAMIC_SMEM(name) unsigned char* name = emu::dynamic_smem()
+#else
+#define DF_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#endif

@@ -1,9 +1,9 @@
 // Host emulation of the CUDA attention kernels (csrc/attention/attention_kernels*.cuh), for machines without a GPU.
-// Blocks of 128 threads run through tests/emulator/cuda_host.h (threads, __syncthreads, warp shuffles); on top of
-// it, mma.m16n8k16 gathers the 32 lanes' fragments, rebuilds the 16x16 A and 16x8 B tiles from the PTX fragment
-// layout and gives each lane its accumulator elements (fp32 sums). The kernels' indexing, masking, online softmax,
-// dropout stream and backward algebra are thereby executed as written. Built and driven by
-// tests/emulator/run_attention.py.
+// Blocks of 128 threads run through tests/emulator/cuda_host.h (threads as fibers, or OS threads for the
+// sanitizer; __syncthreads, warp shuffles); on top of it, mma.m16n8k16 gathers the 32 lanes' fragments, rebuilds the
+// 16x16 A and 16x8 B tiles from the PTX fragment layout and gives each lane its accumulator elements (fp32 sums).
+// The kernels' indexing, masking, online softmax, dropout stream and backward algebra are thereby executed as
+// written. Built and driven by tests/emulator/run_attention.py.
 #include <torch/extension.h>
 
 #include "cuda_host.h"
@@ -85,7 +85,7 @@ namespace {
 
 template <typename K>
 void run_grid(K kernel, int64_t blocks, const AttnParams& p) {
-  emu::run_grid(kernel, dim3(static_cast<unsigned>(blocks)), dim3(128), p);
+  emu::run_grid(kernel, dim3(static_cast<unsigned>(blocks)), dim3(128), 0, p);
 }
 
 AttnParams params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask, double dp) {

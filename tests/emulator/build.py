@@ -24,8 +24,8 @@ def cuda_include() -> str | None:
 
 def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1", sanitize: str | None = None):
     """Compile tests/emulator/<source> against csrc/; kernel_dirs (relative to csrc/) are hashed into the name.
-    Returns the loaded module; with sanitize (e.g. "thread": -fsanitize=thread) the built library's path instead, to be
-    loaded by a process that has the sanitizer's runtime preloaded."""
+    Returns the loaded module; with sanitize (e.g. "thread": -fsanitize=thread, CUDA threads as OS threads) the built
+    library's path instead, to be loaded by a process that has the sanitizer's runtime preloaded."""
     from torch.utils.cpp_extension import load
 
     include = cuda_include()
@@ -37,7 +37,8 @@ def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1", sani
             if fname.endswith((".h", ".cuh", ".cpp")):
                 with open(os.path.join(d, fname), "rb") as f:
                     digest.update(f.read())
-    cflags = ["-std=c++20", opt, "-fno-strict-aliasing", "-w"]
+    # -U_FORTIFY_SOURCE: the fibers switch stacks with _longjmp, which the fortified longjmp check would refuse
+    cflags = ["-std=c++20", opt, "-fno-strict-aliasing", "-w", "-U_FORTIFY_SOURCE"]
     if not sanitize:
         return load(f"{name}_{digest.hexdigest()[:12]}", [os.path.join(HERE, source)],
                     extra_include_paths=[CSRC, HERE, include], extra_cflags=cflags, verbose=False)
@@ -49,7 +50,8 @@ def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1", sani
     build_dir = _get_build_directory(full, verbose=False)
     try:
         load(full, [os.path.join(HERE, source)], extra_include_paths=[CSRC, HERE, include],
-             extra_cflags=cflags + ["-g", f"-fsanitize={sanitize}"], extra_ldflags=[f"-fsanitize={sanitize}"],
+             extra_cflags=cflags + ["-g", f"-fsanitize={sanitize}", "-DDETR_EMULATE_OS_THREADS"],
+             extra_ldflags=[f"-fsanitize={sanitize}"],
              build_directory=build_dir, verbose=False)
     except ImportError:
         pass
@@ -57,3 +59,9 @@ def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1", sani
     if not libs:
         raise RuntimeError(f"the sanitized emulator {full} was not built in {build_dir}")
     return libs[-1]
+
+
+def build_kernels(sanitize: str | None = None):
+    """kernels_emulator.cpp: the LayerNorm / relu_dropout, bias_act and linear_assignment kernels with launchers."""
+    return build("detr_fast_kernels_emulator", "kernels_emulator.cpp", ["layernorm", "bias_act", "assignment"],
+                 sanitize=sanitize)

@@ -1,11 +1,18 @@
 // Host emulation of CUDA thread blocks, for running the project's CUDA kernels on a machine without a GPU.
 //
-// Include this first, then a kernel header (csrc/**/*_kernels.cuh). A launch runs blockDim.x std::threads, which
-// run the grid's blocks one after another, so __shared__ arrays become function-level statics. __syncthreads
-// is a barrier over the block; a warp shuffle is an exchange through a per-warp buffer between two warp barriers.
-// A barrier that is not reached by all of its threads within a timeout (a thread that returned while its warp or
-// block went on to a shuffle or __syncthreads: undefined behavior on the device) fails the launch with an error
-// instead of hanging. With DETR_EMULATE defined, csrc/common/launch.cuh's launch_kernel calls emu::run_grid.
+// Include this first, then a kernel header (csrc/**/*_kernels.cuh). A launch runs the grid's blocks one after
+// another, so __shared__ arrays become function-level statics and dynamic shared memory is one buffer. Each thread
+// of a block is
+//  - by default, a fiber (its own stack, switched with _setjmp/_longjmp on one OS thread): a thread runs until it
+//    reaches a barrier, then the next one runs, so a block's threads interleave only at barriers, deterministically.
+//    A barrier that some thread can never reach (a thread returned while its warp or block went on to a shuffle or
+//    __syncthreads: undefined behavior on the device) is detected when no thread can run, and fails the launch;
+//  - with DETR_EMULATE_OS_THREADS, an OS thread, barriers being a mutex and condition variable, for running under
+//    ThreadSanitizer (race_check.py), which then reports any access pair not ordered by a barrier or an atomic. A
+//    barrier not reached by all its threads within 20 s fails the launch.
+// __syncthreads and __syncthreads_or are barriers over the block; a warp shuffle is an exchange through a per-warp
+// buffer between two warp barriers; atomics go through std::atomic_ref. With DETR_EMULATE defined,
+// csrc/common/launch.cuh's launch_kernel calls emu::run_grid.
 //
 // Not emulated: the device's floating-point modes (--use_fast_math), memory-model races between blocks (blocks are
 // sequential), and 2-D / 3-D blocks.
@@ -16,6 +23,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <csetjmp>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -25,6 +34,10 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#ifndef DETR_EMULATE_OS_THREADS
+#include <ucontext.h>
+#endif
 
 #define DETR_EMULATE 1
 #undef __shared__
@@ -53,10 +66,55 @@ inline void fail(const std::string& msg) {
   if (!g_failed.exchange(true)) g_error = msg;
 }
 
-// A barrier over n threads that fails the launch (instead of hanging) when its threads do not all arrive.
+#ifndef DETR_EMULATE_OS_THREADS
+// ---- Fibers ----------------------------------------------------------------------------------------------------
+struct Fiber {
+  ucontext_t start;  // first entry
+  jmp_buf resume;    // where it yielded
+  std::unique_ptr<char[]> stack;
+  unsigned tid = 0;
+  bool started = false, done = false;
+};
+
+inline std::vector<Fiber>* g_fibers = nullptr;
+inline Fiber* g_current = nullptr;
+inline jmp_buf g_scheduler;
+inline uint64_t g_progress = 0;  // arrivals at barriers and finished threads: what makes another thread runnable
+inline void (*g_body)() = nullptr;  // the kernel call of the launch, with its arguments bound
+
+// The running fiber gives the OS thread back to the scheduler; returns when the scheduler resumes it.
+inline void yield() {
+  if (!_setjmp(g_current->resume)) _longjmp(g_scheduler, 1);
+}
+
+inline void fiber_entry() {
+  g_body();
+  g_current->done = true;
+  ++g_progress;
+  _longjmp(g_scheduler, 1);
+}
+#endif
+
+// A barrier over n threads; fails the launch (instead of hanging) when its threads cannot all arrive.
 class Barrier {
  public:
   explicit Barrier(int n, const char* what) : n_(n), what_(what) {}
+#ifndef DETR_EMULATE_OS_THREADS
+  void arrive_and_wait() {
+    if (g_failed) return;
+    const uint64_t gen = gen_;
+    ++g_progress;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      return;
+    }
+    while (gen_ == gen && !g_failed) yield();
+  }
+  const char* what() const { return what_; }
+
+ private:
+#else
   void arrive_and_wait() {
     if (g_failed) return;
     std::unique_lock<std::mutex> lock(m_);
@@ -80,6 +138,7 @@ class Barrier {
  private:
   std::mutex m_;
   std::condition_variable cv_;
+#endif
   int n_, count_ = 0;
   uint64_t gen_ = 0;
   const char* what_;
@@ -93,12 +152,15 @@ struct Warp {
 };
 
 struct Block {
-  explicit Block(int threads) : bar(threads, "__syncthreads"), flags(threads) {
+  Block(int threads, size_t smem_bytes)
+      : bar(threads, "__syncthreads"), flags(threads), smem((smem_bytes + 15) / 16 + 1) {
     for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
+    std::memset(smem.data(), 0xA5, smem.size() * 16);  // not zero: the device gives no initial value either
   }
   Barrier bar;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<char> flags;
+  std::vector<uint4> smem;  // dynamic shared memory, 16-byte aligned
 };
 inline Block* g_block = nullptr;
 
@@ -125,6 +187,8 @@ T shfl_xor(T v, int lane_mask) {
 
 inline void syncthreads() { g_block->bar.arrive_and_wait(); }
 
+inline unsigned char* dynamic_smem() { return reinterpret_cast<unsigned char*>(g_block->smem.data()); }
+
 // __syncthreads_or
 inline bool block_any(bool pred) {
   g_block->flags[threadIdx.x] = pred;
@@ -135,15 +199,86 @@ inline bool block_any(bool pred) {
   return any;
 }
 
-// Runs kernel<<<grid, block>>>(args...) on the CPU: block.x threads (a multiple of 32) run the blocks in order,
-// meeting at a barrier between blocks.
-template <typename... P, typename... A>
-void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+inline void check_launch(dim3 grid, dim3 block) {
   if (block.y != 1 || block.z != 1 || grid.y != 1 || grid.z != 1 || block.x % 32 != 0 || block.x == 0)
     throw std::runtime_error("emulator: only 1-D grids of 1-D blocks of whole warps");
   g_failed = false;
   g_error.clear();
-  Block blk(static_cast<int>(block.x));
+}
+
+inline void run_kernel_body(const std::function<void()>& body) {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    fail(e.what());
+  }
+}
+
+#ifndef DETR_EMULATE_OS_THREADS
+// Runs kernel<<<grid, block, smem_bytes>>>(args...) on the CPU: for each block, block.x fibers scheduled round-robin
+// at their barriers.
+template <typename... P, typename... A>
+void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A... args) {
+  check_launch(grid, block);
+  constexpr size_t kStack = 256 * 1024;
+  Block blk(static_cast<int>(block.x), smem_bytes);
+  g_block = &blk;
+  std::vector<Fiber> fibers(block.x);
+  for (unsigned t = 0; t < block.x; ++t) {
+    fibers[t].stack.reset(new char[kStack]);
+    fibers[t].tid = t;
+  }
+  static thread_local std::function<void()> body;
+  body = [&] { run_kernel_body([&] { kernel(args...); }); };
+  g_body = [] { body(); };
+  g_fibers = &fibers;
+  emu_block_dim = block;
+  emu_grid_dim = grid;
+  for (unsigned b = 0; b < grid.x && !g_failed; ++b) {
+    emu_block_idx = make_uint3(b, 0, 0);
+    for (Fiber& f : fibers) {
+      getcontext(&f.start);
+      f.start.uc_stack.ss_sp = f.stack.get();
+      f.start.uc_stack.ss_size = kStack;
+      f.start.uc_link = nullptr;
+      makecontext(&f.start, fiber_entry, 0);
+      f.started = f.done = false;
+    }
+    size_t remaining = fibers.size();
+    while (remaining > 0) {
+      const uint64_t before = g_progress;
+      for (Fiber& f : fibers) {
+        if (f.done) continue;
+        g_current = &f;
+        emu_thread_idx = make_uint3(f.tid, 0, 0);
+        if (!_setjmp(g_scheduler)) {
+          if (!f.started) {
+            f.started = true;
+            setcontext(&f.start);
+          }
+          _longjmp(f.resume, 1);
+        }
+        if (f.done) --remaining;
+      }
+      if (remaining > 0 && g_progress == before && !g_failed) {
+        // every unfinished thread waits at a barrier that can no longer fill: release them as failed
+        fail("emulated barrier can never complete: some threads of block " + std::to_string(b) +
+             " returned or took another path while the others wait (divergent __syncthreads or warp shuffle)");
+      }
+    }
+  }
+  g_current = nullptr;
+  g_fibers = nullptr;
+  g_block = nullptr;
+  if (g_failed) throw std::runtime_error("emulated kernel failed: " + g_error);
+}
+#else
+// Runs kernel<<<grid, block, smem_bytes>>>(args...) on the CPU: block.x OS threads run the blocks in order, meeting
+// at a barrier between blocks.
+template <typename... P, typename... A>
+void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A... args) {
+  check_launch(grid, block);
+  Block blk(static_cast<int>(block.x), smem_bytes);
   Barrier next_block(static_cast<int>(block.x), "end of block");
   g_block = &blk;
   std::vector<std::thread> threads;
@@ -155,11 +290,7 @@ void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
       emu_grid_dim = grid;
       for (unsigned b = 0; b < grid.x && !g_failed; ++b) {
         emu_block_idx = make_uint3(b, 0, 0);
-        try {
-          kernel(args...);
-        } catch (const std::exception& e) {
-          fail(e.what());
-        }
+        run_kernel_body([&] { kernel(args...); });
         next_block.arrive_and_wait();
       }
     });
@@ -167,9 +298,28 @@ void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
   g_block = nullptr;
   if (g_failed) throw std::runtime_error("emulated kernel failed: " + g_error);
 }
+#endif
 
 }  // namespace emu
 
+// Device atomics: through std::atomic_ref (which the thread sanitizer also understands).
+inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+  std::atomic_ref<unsigned long long> a(*p);
+  unsigned long long old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+
+inline int atomicMin(int* p, int v) {
+  std::atomic_ref<int> a(*p);
+  int old = a.load();
+  while (old > v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+
 #define __syncthreads() emu::syncthreads()
+#define __syncthreads_or(pred) static_cast<int>(emu::block_any((pred) != 0))
 #define __shfl_xor_sync(mask, v, m) emu::shfl_xor(v, m)
 #define __shfl_sync(mask, v, src) emu::shfl(v, src)

@@ -1,6 +1,6 @@
 // Host emulation of the CUDA kernels of add_dropout_layernorm (forward, backward, mask), relu_dropout (forward,
-// backward) and bias_act, for machines without a GPU (CI among them): csrc/layernorm/layernorm_kernels.cuh and
-// csrc/bias_act/bias_act_kernels.cuh compiled for the host on top of tests/emulator/cuda_host.h. The launchers of
+// backward), bias_act and linear_assignment, for machines without a GPU (CI among them): the *_kernels.cuh headers
+// of csrc/layernorm, csrc/bias_act and csrc/assignment compiled for the host on top of tests/emulator/cuda_host.h. The launchers of
 // those headers run as the device build runs them (dtype dispatch, vector paths, grid sizes, the backward's
 // partial sums); `sms` stands in for the device's SM count, so a small value makes the grid-stride loops go round.
 // Each entry point checks its arguments as the CUDA op does. Dropout needs an explicit seed (there is no device
@@ -9,6 +9,7 @@
 
 #include "cuda_host.h"
 
+#include "assignment/assignment_kernels.cuh"
 #include "bias_act/bias_act_kernels.cuh"
 #include "layernorm/layernorm_kernels.cuh"
 
@@ -65,6 +66,12 @@ at::Tensor emu_bias_act(const at::Tensor& x, const at::Tensor& bias, const std::
   return bias_act_launch(x, bias, residual, relu, emu_ctx(sms));
 }
 
+at::Tensor emu_linear_assignment(const at::Tensor& cost, const at::Tensor& num_targets, int64_t engine) {
+  const auto shape = assignment::check_inputs(cost, num_targets);
+  DETR_CHECK(engine >= 0 && engine <= 2, "emulator: engine must be 0 (auto), 1 (auction) or 2 (ssp)");
+  return linear_assignment_launch(cost, num_targets, shape, static_cast<int>(engine), emu_ctx(1));
+}
+
 // The emulator's own check (tests/emulator/race_check.py): each thread reads its neighbour's shared-memory slot,
 // after a __syncthreads when `sync`, racing with the neighbour's write otherwise; returns what was read.
 __global__ void neighbour_read_kernel(float* out, bool sync) {
@@ -78,6 +85,19 @@ at::Tensor emu_neighbour_read(bool sync) {
   at::Tensor out = at::empty({2, 64});
   launch_kernel(neighbour_read_kernel, dim3(2), dim3(64), nullptr, out.data_ptr<float>(), sync);
   return out;
+}
+
+// The emulator's check of barrier divergence: thread 0 returns while the rest of the block waits at __syncthreads,
+// which the emulator must report as an error (on the device: undefined behavior).
+__global__ void divergent_barrier_kernel(float* out) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.0f;
+}
+
+void emu_divergent_barrier() {
+  at::Tensor out = at::zeros({64});
+  launch_kernel(divergent_barrier_kernel, dim3(1), dim3(64), nullptr, out.data_ptr<float>());
 }
 
 }  // namespace
@@ -97,6 +117,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset") = 0, py::arg("sms") = 2);
   m.def("relu_dropout_backward", &detr_fast::emu_relu_dropout_backward, py::arg("grad_out"), py::arg("out"),
         py::arg("p"), py::arg("sms") = 2);
+  m.def("linear_assignment", &detr_fast::emu_linear_assignment, py::arg("cost"), py::arg("num_targets"),
+        py::arg("engine") = 0);
+  m.def("divergent_barrier", &detr_fast::emu_divergent_barrier);
   m.def("neighbour_read", &detr_fast::emu_neighbour_read, py::arg("sync"));
   m.def("bias_act", &detr_fast::emu_bias_act, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
         py::arg("sms") = 2);

@@ -5,8 +5,8 @@ reported and fails the check.
     python tests/emulator/race_check.py
 
 Builds kernels_emulator.cpp and attention_emulator.cpp with -fsanitize=thread in this process, then runs their
-kernels (every LayerNorm configuration forward and backward with dropout, relu_dropout, bias_act on both paths, the
-attention kernels of each dtype) in a child process with the sanitizer's runtime preloaded: a sanitized extension
+kernels (LayerNorm forward and backward with dropout in both row layouts, relu_dropout, bias_act on both paths, the
+assignment solver with each engine, the attention kernels of each dtype) in a child process with the sanitizer's runtime preloaded: a sanitized extension
 cannot be loaded into an unsanitized Python otherwise, and the compiler must not run with it preloaded. The emulator
 orders a block's threads only through its barriers (mutex and condition variable, which the sanitizer understands),
 so what it reports is a race on the device too. A deliberately racing kernel is run first, and must be reported.
@@ -74,6 +74,15 @@ def child(kernels_so: str, attention_so: str) -> int:
     emu.bias_act(x, torch.randn(16, generator=g), x.clone(), True, sms=1)
     emu.bias_act(x.contiguous(memory_format=torch.channels_last), torch.randn(16, generator=g), None, True, sms=1)
     emu.bias_act(x[:, :, :, 1:], torch.randn(16, generator=g), None, False, sms=1)  # scalar path
+    # the assignment solver's warp bids (atomics), block reductions and barriers: each engine, a cached and an
+    # uncached cost matrix, 128 and 256 threads
+    from detr_fast.ops.cases_assignment import make_costs, totals
+
+    for engine in (0, 1, 2):
+        for Q, T, family in ((20, 6, "detr"), (140, 12, "uniform"), (12, 12, "ties")):
+            n = torch.tensor([T])
+            cost = make_costs(family, (1, Q, T), n, g, torch.float64 if Q == 20 else torch.float32)
+            totals(cost, n, emu.linear_assignment(cost, n, engine))  # a valid matching (asserts)
     attn = _load(attention_so)
     ok = all(run_attention.run_case(attn, *run_attention.CASES[i]) for i in (1, 3, 5, 9))
     print("kernels ran" if ok else "attention results differ", flush=True)
@@ -91,10 +100,9 @@ def main() -> int:
         return 2
     sys.path[:0] = [ROOT, HERE]
     import run_attention
-    from build import build
+    from build import build_kernels
 
-    kernels = build("detr_fast_kernels_emulator", "kernels_emulator.cpp", ["layernorm", "bias_act"],
-                    sanitize="thread")
+    kernels = build_kernels(sanitize="thread")
     attention = run_attention.build(sanitize="thread")
     env = dict(os.environ, LD_PRELOAD=runtime, TSAN_OPTIONS="halt_on_error=0 report_signal_unsafe=0 exitcode=66")
     # first, that a race is seen at all
