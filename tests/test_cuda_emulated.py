@@ -376,6 +376,17 @@ def test_attention_kernels_match_reference(attention_emu, case):
     assert run_attention.run_case(attention_emu, *case)
 
 
+def test_attention_empty_inputs_and_unsupported(attention_emu):
+    """No query: no block runs, and the host writes rng_state itself. Head dims other than 32 / 64 are refused (the
+    Python op runs the reference for them)."""
+    q, kv = torch.empty(1, 2, 0, 32), torch.randn(1, 2, 5, 32)
+    out, lse, rng, _ = attention_emu.forward(q, kv, kv, None, 0.3, 9, 4)
+    assert out.shape == (1, 2, 0, 32) and lse.shape == (1, 2, 0) and rng.tolist() == [9, 4]
+    x = torch.randn(1, 1, 4, 48)
+    with pytest.raises(ValueError, match="head dim must be 32 or 64"):
+        attention_emu.forward(x, x, x, None, 0.0, 0, 0)
+
+
 # ---- races within a block ----------------------------------------------------------------------------------------
 
 @pytest.mark.skipif(race_check.tsan_runtime() is None, reason="no ThreadSanitizer runtime (libtsan) for c++")

@@ -28,6 +28,7 @@
 
 #include "attention/attention_cuda.cuh"
 #include "attention/attention_device.cuh"
+#include "common/launch.cuh"
 #include "common/philox.h"
 
 namespace detr_fast {
@@ -523,13 +524,11 @@ inline unsigned grid_blocks(int64_t bh, int64_t len, int block) {
 
 }  // namespace attn
 
-#ifndef DETR_ATTN_EMULATE
 template <typename T, int D>
 void attn_launch_forward(const AttnParams& p, cudaStream_t stream) {
   const unsigned blocks = attn::grid_blocks(static_cast<int64_t>(p.B) * p.H, p.Lq, attn::kBlockM);
   if (blocks == 0) return;
-  attn::attn_fwd_kernel<T, D><<<blocks, attn::kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(attn::attn_fwd_kernel<T, D>, dim3(blocks), dim3(attn::kThreads), stream, p);
 }
 
 template <typename T, int D>
@@ -537,15 +536,10 @@ void attn_launch_backward(const AttnParams& p, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   const unsigned dq_blocks = attn::grid_blocks(bh, p.Lq, attn::kBlockM);
   const unsigned dkdv_blocks = attn::grid_blocks(bh, p.Lk, attn::kBlockN);
-  if (dq_blocks > 0) {
-    attn::attn_bwd_dq_kernel<T, D><<<dq_blocks, attn::kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (dq_blocks > 0) launch_kernel(attn::attn_bwd_dq_kernel<T, D>, dim3(dq_blocks), dim3(attn::kThreads), stream, p);
   if (dkdv_blocks > 0) {
-    attn::attn_bwd_dkdv_kernel<T, D><<<dkdv_blocks, attn::kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(attn::attn_bwd_dkdv_kernel<T, D>, dim3(dkdv_blocks), dim3(attn::kThreads), stream, p);
   }
 }
-#endif  // DETR_ATTN_EMULATE
 
 }  // namespace detr_fast

@@ -9,6 +9,7 @@
 
 #include "attention/attention_cuda.cuh"
 #include "attention/attention_device.cuh"
+#include "common/launch.cuh"
 #include "common/philox.h"
 
 namespace detr_fast {
@@ -240,3 +241,20 @@ inline unsigned blocks(int64_t bh, int64_t len, int rows) {
 }  // namespace attn32
 
 }  // namespace detr_fast
+
+// The fp32 launchers for head dim D: explicit specializations, expanded in one translation unit (the device build's
+// attention_cuda_f32.cu, or the host emulator's).
+#define DETR_ATTN_F32_LAUNCHERS(D)                                                                      \
+  template <>                                                                                          \
+  void attn_launch_forward<float, D>(const AttnParams& p, cudaStream_t stream) {                      \
+    const unsigned n = attn32::blocks(int64_t(p.B) * p.H, p.Lq, attn32::kThreads / (D / 16));          \
+    if (n == 0) return;                                                                                \
+    launch_kernel(attn32::fwd_kernel<D>, dim3(n), dim3(attn32::kThreads), stream, p);                  \
+  }                                                                                                    \
+  template <>                                                                                          \
+  void attn_launch_backward<float, D>(const AttnParams& p, cudaStream_t stream) {                     \
+    const unsigned nq = attn32::blocks(int64_t(p.B) * p.H, p.Lq, attn32::kThreads / (D / 16));         \
+    const unsigned nk = attn32::blocks(int64_t(p.B) * p.H, p.Lk, attn32::kThreads / (D / 16));         \
+    if (nq > 0) launch_kernel(attn32::bwd_dq_kernel<D>, dim3(nq), dim3(attn32::kThreads), stream, p);  \
+    if (nk > 0) launch_kernel(attn32::bwd_dkdv_kernel<D>, dim3(nk), dim3(attn32::kThreads), stream, p); \
+  }

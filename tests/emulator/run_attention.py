@@ -2,10 +2,11 @@
 
     PYTHONPATH=. python tests/emulator/run_attention.py [--quick]
 
-Builds attention_emulator.cpp (the kernels of csrc/attention/attention_kernels*.cuh compiled for the host, lanes
-as threads) with torch.utils.cpp_extension and checks forward and backward of the fp32, fp16 and bf16 kernels for
-head dims 32 and 64, odd lengths, per-image padding, fully padded images and dropout (the keep mask from the
-CPU op attention_dropout_mask). Errors follow the test rule: fp32 within 1e-5 of the fp64 reference (relative to
+Builds attention_emulator.cpp (the kernels of csrc/attention/attention_kernels*.cuh and the ops' host side,
+attention_launch.cuh, compiled for the host, lanes as fibers) with torch.utils.cpp_extension and checks forward and
+backward of the fp32, fp16 and bf16 kernels for head dims 32 and 64, odd lengths, per-image padding, fully padded
+images and dropout (the keep mask from the CPU op attention_dropout_mask, which the emulated mask kernel must equal),
+and that outputs and gradients come back laid out [B, L, H, D]. Errors follow the test rule: fp32 within 1e-5 of the fp64 reference (relative to
 the tensor's scale), fp16/bf16 within twice the error of the reference computed in that precision. The same cases
 run in the test suite (tests/test_cuda_emulated.py).
 """
@@ -45,12 +46,23 @@ def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, stride
         if B > 1:
             mask[-1] = True  # one fully padded image
     ql, kl, vl, gol = (t.to(dtype) for t in (q, k, v, go))
-    if strided:  # q, k, v as head views of [B, L, H, D] tensors (DETR's projection layout)
+    if strided == "misaligned":  # off a 16-byte boundary: the host side copies them before the vector loads
+        ql, kl, vl, gol = (torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) for t in (ql, kl, vl, gol))
+        assert ql.data_ptr() % 16 != 0
+    elif strided:  # q, k, v as head views of [B, L, H, D] tensors (DETR's projection layout)
         ql, kl, vl = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (ql, kl, vl))
         assert not ql.is_contiguous()
     out, lse, rng, out_acc = emu.forward(ql, kl, vl, mask, p, seed, offset)
     dq, dk, dv = emu.backward(gol, ql, kl, vl, out_acc, lse, mask, p, rng)
-    keep = dropout_mask(rng, B, H, Lq, Lk, p) if p > 0 else None
+    keep = None
+    if p > 0:
+        keep = dropout_mask(rng, B, H, Lq, Lk, p)  # the CPU kernel's
+        if not torch.equal(emu.dropout_mask(rng, B, H, Lq, Lk, p), keep):
+            print(f"FAIL dropout mask kernel differs from the CPU kernel's (B={B} H={H} Lq={Lq} Lk={Lk})")
+            return False
+    if not all(t.transpose(1, 2).is_contiguous() for t in (out, dq, dk, dv)):
+        print("FAIL outputs and gradients are not laid out [B, L, H, D]")
+        return False
     assert rng.tolist() == ([seed, offset] if p > 0 else [0, 0]), rng
 
     def ref(dt):
@@ -83,8 +95,8 @@ def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, stride
 
 
 # (B, H, Lq, Lk, D, dtype, masked, p[, seed, offset, strided]): both head dims, all three kernels' dtypes, odd
-# lengths, key tiles past the first 64 fully padded, a fully padded image, one key, one query, dropout, and q, k, v
-# as head views of [B, L, H, D] projections.
+# lengths, key tiles past the first 64 fully padded, a fully padded image, one key, one query, dropout, q, k, v
+# as head views of [B, L, H, D] projections, and inputs off a 16-byte boundary.
 CASES = [
     (1, 1, 16, 16, 32, torch.bfloat16, False, 0.0),
     (2, 2, 70, 75, 32, torch.bfloat16, True, 0.0),
@@ -97,13 +109,15 @@ CASES = [
     (2, 1, 50, 200, 32, torch.bfloat16, True, 0.1),
     (2, 3, 130, 70, 64, torch.float16, True, 0.2, 99, 5, True),
     (2, 3, 40, 70, 32, torch.float32, True, 0.0, 0, 0, True),
+    (1, 2, 33, 20, 64, torch.bfloat16, False, 0.2, 7, 4, "misaligned"),
+    (2, 1, 9, 12, 32, torch.float32, True, 0.0, 0, 0, "misaligned"),
 ]
 
 
 def label(case) -> str:
     B, H, Lq, Lk, D, dtype, masked, p = case[:8]
-    strided = len(case) > 10 and case[10]
-    return f"B{B}H{H}q{Lq}k{Lk}D{D}-{str(dtype)[6:]}{'-mask' if masked else ''}-p{p}{'-strided' if strided else ''}"
+    layout = {True: "-strided", "misaligned": "-misaligned"}.get(case[10], "") if len(case) > 10 else ""
+    return f"B{B}H{H}q{Lq}k{Lk}D{D}-{str(dtype)[6:]}{'-mask' if masked else ''}-p{p}{layout}"
 
 
 def main():
