@@ -1,5 +1,5 @@
-"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, linear_assignment and attention, run on the CPU
-through the host emulator of tests/emulator/, here and in CI; and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
+"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, linear_assignment, matching_cost, box_loss and
+attention, run on the CPU through the host emulator of tests/emulator/, here and in CI; and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
 
 The emulator compiles csrc/layernorm/layernorm_kernels.cuh and csrc/bias_act/bias_act_kernels.cuh for the host:
 each CUDA thread is a CPU thread, __syncthreads and warp shuffles are barriers, and the launchers run as in the
@@ -31,7 +31,9 @@ from detr_fast.ops.cases_bias_act import make_inputs as bias_act_inputs
 from detr_fast.ops.cases_bias_act import references as bias_act_references
 from detr_fast.ops.cases_bias_act import same_layout
 from detr_fast.ops.cases_layernorm import make_inputs as ln_inputs
+from detr_fast.ops.cases_box import box_pairs
 from detr_fast.ops.layernorm import dropout_mask
+from detr_fast.ops.registry import cases
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator"))
 import race_check  # noqa: E402
@@ -360,6 +362,39 @@ def test_assignment_padding_zero_targets_and_invalid(emu):
         check_assignment(out)
     out = emu.linear_assignment(cost, torch.tensor([0, 3, 13, -1]), 0)  # num_targets outside [0, T]
     assert (out[2] == -2).all() and (out[3] == -2).all() and (out[1] >= 0).sum() == 3
+
+
+# ---- matching_cost and box_loss ----------------------------------------------------------------------------------
+
+BOX_CASES = [c for c in cases("matching_cost") + cases("box_loss") if "bench" not in c.tags]
+
+
+@pytest.mark.parametrize("case", BOX_CASES, ids=lambda c: f"{c.op}-{c.name}")
+def test_box_kernels_registry_cases(emu, case):
+    """The validation cases of `detr-fast validate` (odd sizes, every degenerate box kind, padding, stacked layers,
+    every dtype) through the emulated kernels, each checked by its own rule."""
+    for dtype in case.dtypes:
+        args, kwargs = case.make(torch.device("cpu"), dtype, torch.Generator().manual_seed(len(case.name)))
+        err, tol = case.check(getattr(emu, case.op)(*args, **kwargs), args, kwargs, dtype)
+        assert err <= tol, f"{dtype}: error {err:.3g} > tolerance {tol:.3g}"
+
+
+@pytest.mark.parametrize("n", (1, 97, 1025))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_box_loss_backward_equals_cpu_kernel(emu, n, dtype):
+    """The fused backward on every degenerate kind, with a strided (expanded) incoming gradient, against the CPU
+    kernel (the same box_math.h functions, tested against the reference's autograd in test_box_ops.py)."""
+    gen = torch.Generator().manual_seed(n)
+    pred, target = box_pairs(gen, n, True)
+    pred, target = pred.to(dtype), target.to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g1 = torch.randn(n, generator=gen, dtype=acc)
+    gg = torch.randn(1, generator=gen, dtype=acc).expand(n)  # stride 0
+    got = emu.box_loss_backward(g1, gg, pred, target)
+    want = torch.ops.detr_fast.box_loss_backward(g1, gg, pred, target)
+    assert got.dtype == dtype and got.shape == (n, 4)
+    scale = 1 + want.double().abs().amax(-1, keepdim=True)  # degenerate pairs reach ~1e6
+    assert ((got.double() - want.double()) / scale).abs().max().item() <= (1e-12 if dtype == torch.float64 else 1e-6)
 
 
 # ---- attention ---------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // Host emulation of the CUDA kernels of add_dropout_layernorm (forward, backward, mask), relu_dropout (forward,
-// backward), bias_act and linear_assignment, for machines without a GPU (CI among them): the *_kernels.cuh headers
-// of csrc/layernorm, csrc/bias_act and csrc/assignment compiled for the host on top of tests/emulator/cuda_host.h. The launchers of
+// backward), bias_act, linear_assignment, matching_cost and box_loss (forward, backward), for machines without a GPU
+// (CI among them): the *_kernels.cuh headers of csrc/layernorm, csrc/bias_act, csrc/assignment and csrc/box_ops
+// compiled for the host on top of tests/emulator/cuda_host.h. The launchers of
 // those headers run as the device build runs them (dtype dispatch, vector paths, grid sizes, the backward's
 // partial sums); `sms` stands in for the device's SM count, so a small value makes the grid-stride loops go round.
 // Each entry point checks its arguments as the CUDA op does. Dropout needs an explicit seed (there is no device
@@ -11,6 +12,7 @@
 
 #include "assignment/assignment_kernels.cuh"
 #include "bias_act/bias_act_kernels.cuh"
+#include "box_ops/box_ops_kernels.cuh"
 #include "layernorm/layernorm_kernels.cuh"
 
 namespace detr_fast {
@@ -72,6 +74,25 @@ at::Tensor emu_linear_assignment(const at::Tensor& cost, const at::Tensor& num_t
   return linear_assignment_launch(cost, num_targets, shape, static_cast<int>(engine), emu_ctx(1));
 }
 
+at::Tensor emu_matching_cost(const at::Tensor& logits, const at::Tensor& pred_boxes, const at::Tensor& labels,
+                             const at::Tensor& boxes, const at::Tensor& num_targets, double w_class, double w_bbox,
+                             double w_giou) {
+  const auto s = box_ops::check_matching_cost(logits, pred_boxes, labels, boxes, num_targets);
+  return boxk::matching_cost_launch(s, logits, pred_boxes, labels, boxes, num_targets, w_class, w_bbox, w_giou,
+                                    nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> emu_box_loss(const at::Tensor& pred, const at::Tensor& target) {
+  box_ops::check_box_loss(pred, target, "box_loss");
+  return boxk::box_loss_launch(pred, target, nullptr);
+}
+
+at::Tensor emu_box_loss_backward(const at::Tensor& grad_l1, const at::Tensor& grad_giou, const at::Tensor& pred,
+                                 const at::Tensor& target) {
+  box_ops::check_box_loss_backward(grad_l1, grad_giou, pred, target);
+  return boxk::box_loss_backward_launch(grad_l1, grad_giou, pred, target, nullptr);
+}
+
 // The emulator's own check (tests/emulator/race_check.py): each thread reads its neighbour's shared-memory slot,
 // after a __syncthreads when `sync`, racing with the neighbour's write otherwise; returns what was read.
 __global__ void neighbour_read_kernel(float* out, bool sync) {
@@ -119,6 +140,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p"), py::arg("sms") = 2);
   m.def("linear_assignment", &detr_fast::emu_linear_assignment, py::arg("cost"), py::arg("num_targets"),
         py::arg("engine") = 0);
+  m.def("matching_cost", &detr_fast::emu_matching_cost, py::arg("logits"), py::arg("pred_boxes"), py::arg("labels"),
+        py::arg("boxes"), py::arg("num_targets"), py::arg("w_class"), py::arg("w_bbox"), py::arg("w_giou"));
+  m.def("box_loss", &detr_fast::emu_box_loss, py::arg("pred"), py::arg("target"));
+  m.def("box_loss_backward", &detr_fast::emu_box_loss_backward, py::arg("grad_l1"), py::arg("grad_giou"),
+        py::arg("pred"), py::arg("target"));
   m.def("divergent_barrier", &detr_fast::emu_divergent_barrier);
   m.def("neighbour_read", &detr_fast::emu_neighbour_read, py::arg("sync"));
   m.def("bias_act", &detr_fast::emu_bias_act, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
