@@ -6,7 +6,7 @@ reported and fails the check.
 
 Builds kernels_emulator.cpp and attention_emulator.cpp with -fsanitize=thread in this process, then runs their
 kernels (LayerNorm forward and backward with dropout in both row layouts, relu_dropout, bias_act on both paths, the
-assignment solver with each engine, the attention kernels of each dtype) in a child process with the sanitizer's runtime preloaded: a sanitized extension
+assignment solver with each engine, matching_cost and box_loss, the attention kernels of each dtype) in a child process with the sanitizer's runtime preloaded: a sanitized extension
 cannot be loaded into an unsanitized Python otherwise, and the compiler must not run with it preloaded. The emulator
 orders a block's threads only through its barriers (mutex and condition variable, which the sanitizer understands),
 so what it reports is a race on the device too. A deliberately racing kernel is run first, and must be reported.
@@ -83,6 +83,14 @@ def child(kernels_so: str, attention_so: str) -> int:
             n = torch.tensor([T])
             cost = make_costs(family, (1, Q, T), n, g, torch.float64 if Q == 20 else torch.float32)
             totals(cost, n, emu.linear_assignment(cost, n, engine))  # a valid matching (asserts)
+    # matching_cost's shared-memory staging of targets and row softmax (several target chunks), box_loss
+    from detr_fast.ops.cases_box import box_pairs, matching_inputs
+
+    logits, pred, labels, boxes, num = matching_inputs(g, (2,), 2, 40, 92, 70, True)
+    emu.matching_cost(logits.float(), pred.float(), labels, boxes.float(), num, 1.0, 5.0, 2.0)
+    pred, target = box_pairs(g, 300, True)
+    l1, giou = emu.box_loss(pred.float(), target.float())
+    emu.box_loss_backward(l1, giou, pred.float(), target.float())
     attn = _load(attention_so)
     ok = all(run_attention.run_case(attn, *run_attention.CASES[i]) for i in (1, 3, 5, 9))
     print("kernels ran" if ok else "attention results differ", flush=True)
