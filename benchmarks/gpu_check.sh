@@ -81,11 +81,12 @@ if $PY -c "import nvidia.dali" 2>/dev/null; then
 fi
 # the CUDA tests of what has never run on a GPU: bias_act and LayerNorm kernels (mixed dtypes), the attention kernels
 # with their [B, L, H, D] output layout, the flat cast and packed projections, CUDA graphs (GraphedStep, the
-# engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check
-stage tests_new 180 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST tests/test_bias_act.py \
+# engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check; and the
+# box and assignment kernels, whose launchers moved into *_kernels.cuh since they last ran
+stage tests_new 210 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST tests/test_bias_act.py \
   tests/test_layernorm.py tests/test_graphs.py tests/test_engine.py tests/test_dali.py tests/test_dali_engine.py \
   tests/test_data.py tests/test_fast_path.py tests/test_packed_proj.py tests/test_flat_cast.py tests/test_attention.py \
-  tests/test_relu_dropout.py
+  tests/test_relu_dropout.py tests/test_box_ops.py tests/test_assignment.py
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end|relu_dropout enc FFN"}
 stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout \
