@@ -68,6 +68,24 @@ inline at::ScalarType box_loss_dtype(const at::Tensor& pred, const at::Tensor& t
   return (pred.scalar_type() == at::kDouble || target.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
+// box_loss's inputs made contiguous and its outputs allocated (l1 [N], giou_loss [N] in box_loss_dtype): what the CPU
+// and CUDA entry points share before their kernels.
+struct BoxLossIO {
+  at::Tensor pred, target, l1, giou_loss;
+  int64_t N = 0;
+};
+
+inline BoxLossIO box_loss_io(const at::Tensor& pred, const at::Tensor& target) {
+  BoxLossIO io;
+  const at::ScalarType dtype = box_loss_dtype(pred, target);
+  io.N = pred.size(0);
+  io.l1 = at::empty({io.N}, pred.options().dtype(dtype));
+  io.giou_loss = at::empty({io.N}, pred.options().dtype(dtype));
+  io.pred = pred.contiguous();
+  io.target = target.contiguous();
+  return io;
+}
+
 inline void check_box_loss(const at::Tensor& pred, const at::Tensor& target, const char* op) {
   check_float(pred, "box_loss: pred");
   check_float(target, "box_loss: target");

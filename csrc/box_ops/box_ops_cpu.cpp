@@ -108,12 +108,11 @@ constexpr int64_t kPairGrain = 2048;
 
 std::tuple<at::Tensor, at::Tensor> box_loss_cpu(const at::Tensor& pred, const at::Tensor& target) {
   box_ops::check_box_loss(pred, target, "box_loss");
-  const auto dtype = box_ops::box_loss_dtype(pred, target);
-  const int64_t N = pred.size(0);
-  at::Tensor l1 = at::empty({N}, pred.options().dtype(dtype));  // [N]
-  at::Tensor giou_loss = at::empty({N}, pred.options().dtype(dtype));  // [N]
+  box_ops::BoxLossIO io = box_ops::box_loss_io(pred, target);
+  const at::Tensor &p = io.pred, &t = io.target;
+  at::Tensor &l1 = io.l1, &giou_loss = io.giou_loss;
+  const int64_t N = io.N;
   if (N == 0) return {l1, giou_loss};
-  const at::Tensor p = pred.contiguous(), t = target.contiguous();
   DETR_BOX_DISPATCH(p.scalar_type(), pred_t, "box_loss_cpu", [&] {
     DETR_BOX_DISPATCH(t.scalar_type(), tgt_t, "box_loss_cpu", [&] {
       using acc_t = acc_type<std::is_same_v<pred_t, double> || std::is_same_v<tgt_t, double>>;
