@@ -1,17 +1,18 @@
 """The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, linear_assignment, matching_cost, box_loss and
-attention, run on the CPU through the host emulator of tests/emulator/, here and in CI; and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
+attention, run on the CPU through the host emulator of tests/emulator/, here and in CI; and the same kernels under
+ThreadSanitizer (tests/emulator/race_check.py).
 
-The emulator compiles csrc/layernorm/layernorm_kernels.cuh and csrc/bias_act/bias_act_kernels.cuh for the host:
-each CUDA thread is a CPU thread, __syncthreads and warp shuffles are barriers, and the launchers run as in the
-device build (dtype dispatch, 4- and 16-byte vector paths, grid sizes, the backward's per-group partial sums), with
-`sms` standing in for the device's SM count (sms=1 makes every grid-stride loop go round). Outputs and gradients
-are compared with the float64 reference by the rule of cases_attention.compare (fp32/fp64 within 1e-5; fp16/bf16
-within twice the error of the reference computed in that precision), given the dropout mask of the CPU kernel,
-which must equal the emulated mask kernel's bit for bit. linear_assignment's block solver (warp bids with atomics,
-block reductions, __syncthreads_or, dynamic shared memory) is checked against scipy. The attention kernels (forward, dq and dk/dv; fp32 and
-mma.sync bf16/fp16) run through attention_emulator.cpp with tests/emulator/run_attention.py's cases. On a GPU the same kernels run in test_layernorm.py,
-test_relu_dropout.py and test_bias_act.py; what emulation cannot show (the device's fast-math rounding, races
-between blocks) is left to those.
+The emulator compiles the kernel headers (csrc/*/*_kernels.cuh, attention_launch.cuh) for the host: each CUDA
+thread is a fiber, __syncthreads and warp shuffles are barriers, atomics are std::atomic_ref, and the launchers run
+as in the device build (dtype dispatch, 4- and 16-byte vector paths, grid sizes, the LayerNorm backward's per-group
+partial sums, BLHD strides), with `sms` standing in for the device's SM count (sms=1 makes every grid-stride loop go
+round). Outputs and gradients are compared with the float64 reference by the rule of cases_attention.compare
+(fp32/fp64 within 1e-5; fp16/bf16 within twice the error of the reference computed in that precision), given the
+dropout mask of the CPU kernel, which must equal the emulated mask kernel's bit for bit. linear_assignment's block
+solver (warp bids with atomics, block reductions, __syncthreads_or, dynamic shared memory) is checked against
+scipy. The attention kernels (forward, dq and dk/dv; fp32 and mma.sync bf16/fp16) run through attention_emulator.cpp
+with tests/emulator/run_attention.py's cases. On a GPU the same kernels run in the op tests (test_layernorm.py and
+the others); what emulation cannot show (the device's fast-math rounding, races between blocks) is left to those.
 """
 import math
 import os

@@ -1,6 +1,6 @@
 // The few device intrinsics the attention kernels use, behind small wrappers. Compiled with nvcc they are the real
-// instructions; with DETR_ATTN_EMULATE defined, a host emulator (tests/emulator/attention_emulator.cpp) supplies its own
-// versions (threads for lanes, barriers for __syncthreads, the PTX fragment layout for mma), so the kernels'
+// instructions; with DETR_ATTN_EMULATE defined, the host emulator (tests/emulator/attention_emulator.cpp) supplies
+// its own versions (fibers for lanes, barriers for __syncthreads, the PTX fragment layout for mma), so the kernels'
 // index arithmetic can be exercised without a GPU.
 #pragma once
 #include <cuda_bf16.h>

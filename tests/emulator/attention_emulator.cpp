@@ -98,7 +98,8 @@ std::vector<at::Tensor> emu_forward(const at::Tensor& q, const at::Tensor& k, co
                                     const std::optional<at::Tensor>& mask, double dp, int64_t seed, int64_t offset) {
   check_attention_inputs(q, k, v, mask, dp);
   check_cuda_supported(q);
-  const at::PhiloxCudaState philox(dp > 0 ? static_cast<uint64_t>(seed) : 0, dp > 0 ? static_cast<uint64_t>(offset) : 0);
+  const at::PhiloxCudaState philox(dp > 0 ? static_cast<uint64_t>(seed) : 0,
+                                   dp > 0 ? static_cast<uint64_t>(offset) : 0);
   auto [out, lse, rng, out_f32] = attention_forward_launch(q, k, v, mask, dp, philox, nullptr);
   return {out, lse, rng, out_f32.numel() > 0 ? out_f32 : out};
 }

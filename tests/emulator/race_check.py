@@ -6,8 +6,9 @@ reported and fails the check.
 
 Builds kernels_emulator.cpp and attention_emulator.cpp with -fsanitize=thread in this process, then runs their
 kernels (LayerNorm forward and backward with dropout in both row layouts, relu_dropout, bias_act on both paths, the
-assignment solver with each engine, matching_cost and box_loss, the attention kernels of each dtype) in a child process with the sanitizer's runtime preloaded: a sanitized extension
-cannot be loaded into an unsanitized Python otherwise, and the compiler must not run with it preloaded. The emulator
+assignment solver with each engine, matching_cost and box_loss, the attention kernels of each dtype) in a child
+process with the sanitizer's runtime preloaded: a sanitized extension cannot be loaded into an unsanitized Python
+otherwise, and the compiler must not run with it preloaded. The emulator
 orders a block's threads only through its barriers (mutex and condition variable, which the sanitizer understands),
 so what it reports is a race on the device too. A deliberately racing kernel is run first, and must be reported.
 Exit status 0 when that one race, and nothing else, is reported.

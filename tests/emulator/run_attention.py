@@ -6,9 +6,9 @@ Builds attention_emulator.cpp (the kernels of csrc/attention/attention_kernels*.
 attention_launch.cuh, compiled for the host, lanes as fibers) with torch.utils.cpp_extension and checks forward and
 backward of the fp32, fp16 and bf16 kernels for head dims 32 and 64, odd lengths, per-image padding, fully padded
 images and dropout (the keep mask from the CPU op attention_dropout_mask, which the emulated mask kernel must equal),
-and that outputs and gradients come back laid out [B, L, H, D]. Errors follow the test rule: fp32 within 1e-5 of the fp64 reference (relative to
-the tensor's scale), fp16/bf16 within twice the error of the reference computed in that precision. The same cases
-run in the test suite (tests/test_cuda_emulated.py).
+and that outputs and gradients come back laid out [B, L, H, D]. Errors follow the test rule: fp32 within 1e-5 of
+the fp64 reference (relative to the tensor's scale), fp16/bf16 within twice the error of the reference computed in
+that precision. The same cases run in the test suite (tests/test_cuda_emulated.py).
 """
 import argparse
 import os
