@@ -1,5 +1,5 @@
 """Shared test helpers: device parametrization whose CUDA case is skipped without a GPU; a Python Philox4x32-10; an
-operator counter; the check of add_dropout_layernorm's saved statistics."""
+operator counter; the check of add_dropout_layernorm's saved statistics; a tiny DETR config."""
 import collections
 
 import pytest
@@ -47,3 +47,14 @@ def assert_layernorm_stats(x, residual, mean, rstd, eps=1e-5):
         h = (x.double() + residual.double()).reshape(rows, d).cpu()
         torch.testing.assert_close(mean.double().cpu(), h.mean(-1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(rstd.double().cpu(), (h.var(-1, unbiased=False) + eps).rsqrt(), rtol=1e-5, atol=0)
+
+
+def small_cfg(**over):
+    """A tiny DETR (light backbone, hidden 32, 2 encoder and 3 decoder layers, 7 queries, 5 classes, no dropout);
+    `over` maps dotted config keys to values, applied last."""
+    from detr_fast.config import load_config
+
+    sets = ["model.backbone=light", "model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4",
+            "model.enc_layers=2", "model.dec_layers=3", "model.dim_feedforward=64", "model.num_queries=7",
+            "model.num_classes=5", "model.dropout=0.0"]
+    return load_config(None, sets + [f"{k}={v}" for k, v in over.items()])

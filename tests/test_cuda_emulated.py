@@ -32,6 +32,7 @@ from detr_fast.ops.cases_bias_act import make_inputs as bias_act_inputs
 from detr_fast.ops.cases_bias_act import references as bias_act_references
 from detr_fast.ops.cases_bias_act import same_layout
 from detr_fast.ops.cases_layernorm import make_inputs as ln_inputs
+from detr_fast.ops.cases_relu_dropout import references as relu_dropout_references
 from detr_fast.ops.cases_box import box_pairs
 from detr_fast.ops.layernorm import dropout_mask
 from detr_fast.ops.registry import cases
@@ -210,15 +211,7 @@ def _relu_dropout_check(emu, x, p, sms=2):
     keep = dropout_mask(rng, rows, d, p) if p > 0 else None
     go = torch.randn(x.shape, generator=torch.Generator().manual_seed(rows + d)).to(x.dtype)
     dx = emu.relu_dropout_backward(go, out, p, sms=sms)
-
-    def ref(dt):
-        t = x.detach().to(dt).requires_grad_(True)
-        y = reference.relu_dropout(t, p, p > 0, dropout_mask=keep)
-        (g,) = torch.autograd.grad(y, t, go.to(dt)) if y.numel() else (torch.zeros_like(t),)
-        return y.detach(), g
-
-    r64 = ref(torch.float64)
-    rlow = ref(x.dtype) if x.dtype in LOW_PRECISION else None
+    r64, rlow = relu_dropout_references(x, go, p, keep)
     for i, (name, got) in enumerate((("out", out), ("dx", dx))):
         assert got.dtype == x.dtype
         _assert_close(name, got, r64[i], rlow[i] if rlow else None, x.dtype)

@@ -10,13 +10,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import OpCounter, assert_layernorm_stats, cpu_and_cuda, philox4x32_10
+from helpers import OpCounter, assert_layernorm_stats, cpu_and_cuda, philox4x32_10, small_cfg
 
-from detr_fast.config import load_config
 from detr_fast.models import build_detr
 from detr_fast.ops import add_dropout_layernorm, has_kernel, reference
 from detr_fast.ops.cases_attention import LOW_PRECISION, compare
-from detr_fast.ops.cases_layernorm import make_inputs, references
+from detr_fast.ops.cases_layernorm import make_inputs
 from detr_fast.ops.layernorm import add_dropout_layernorm_with_state, dropout_mask
 from detr_fast.ops.registry import cases, run_case
 
@@ -403,13 +402,6 @@ def test_registry_cases(device):
             assert r.passed, r
 
 
-def _small_cfg(**over):
-    sets = ["model.backbone=light", "model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4",
-            "model.enc_layers=2", "model.dec_layers=3", "model.dim_feedforward=64", "model.num_queries=7",
-            "model.num_classes=5", "model.dropout=0.0"]
-    return load_config(None, sets + [f"{k}={v}" for k, v in over.items()])
-
-
 def _model_run(model, images, mask):
     model.train()
     out = model(images, mask)
@@ -424,8 +416,8 @@ def test_model_fused_norm_matches_plain(dtype):
     """model.fused_norm true vs false on the same weights (dropout 0, train mode): the same state-dict keys, outputs
     and gradients (fp32: within 1e-5 relative; fp64: within 1e-9 relative)."""
     torch.manual_seed(0)
-    plain = build_detr(_small_cfg()).to(dtype)
-    fused = build_detr(_small_cfg(**{"model.fused_norm": "true"})).to(dtype)
+    plain = build_detr(small_cfg()).to(dtype)
+    fused = build_detr(small_cfg(**{"model.fused_norm": "true"})).to(dtype)
     assert list(plain.state_dict()) == list(fused.state_dict())
     fused.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(1)
@@ -449,8 +441,8 @@ def test_model_fused_norm_with_dropout():
     """dropout 0.1: in eval mode fused and plain agree; in train mode the fused model trains (finite loss and
     gradients, every LayerNorm parameter gets a gradient) and torch.manual_seed reproduces its step."""
     torch.manual_seed(0)
-    plain = build_detr(_small_cfg(**{"model.dropout": "0.1"}))
-    fused = build_detr(_small_cfg(**{"model.dropout": "0.1", "model.fused_norm": "true"}))
+    plain = build_detr(small_cfg(**{"model.dropout": "0.1"}))
+    fused = build_detr(small_cfg(**{"model.dropout": "0.1", "model.fused_norm": "true"}))
     fused.load_state_dict(plain.state_dict())
     g = torch.Generator().manual_seed(2)
     images = torch.randn(2, 3, 48, 64, generator=g)

@@ -3,17 +3,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import small_cfg
 
 from detr_fast.config import load_config
 from detr_fast.models import build_detr
-
-
-def small_cfg(**over):
-    sets = ["model.backbone=light", "model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4",
-            "model.enc_layers=2", "model.dec_layers=3", "model.dim_feedforward=64", "model.num_queries=7",
-            "model.num_classes=5", "model.dropout=0.0"]
-    sets += [f"{k}={v}" for k, v in over.items()]
-    return load_config(None, sets)
 
 
 def _batch(B=2, H=67, W=91, seed=0):

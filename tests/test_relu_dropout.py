@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import cpu_and_cuda
+from helpers import cpu_and_cuda, small_cfg
 
 from detr_fast.ops import has_kernel, reference, relu_dropout
-from detr_fast.ops.cases_attention import LOW_PRECISION, compare
+from detr_fast.ops.cases_attention import compare
+from detr_fast.ops.cases_relu_dropout import references
 from detr_fast.ops.layernorm import dropout_mask, relu_dropout_with_state
 
 pytestmark = pytest.mark.skipif(not has_kernel("relu_dropout", "cpu"), reason="detr_fast._C is not built")
@@ -25,15 +26,7 @@ def _check(x, go, p, seed=None, offset=0):
     (dx,) = torch.autograd.grad(out, leaf, go) if out.numel() else (torch.zeros_like(leaf),)
     rows, d = math.prod(x.shape[:-1]), x.shape[-1]
     keep = dropout_mask(rng, rows, d, p)
-
-    def ref(dt):
-        t = x.detach().to(dt).requires_grad_(True)
-        y = reference.relu_dropout(t, p, True, dropout_mask=keep)
-        (g,) = torch.autograd.grad(y, t, go.to(dt)) if y.numel() else (torch.zeros_like(t),)
-        return y.detach(), g
-
-    r64 = ref(torch.float64)
-    rlow = ref(x.dtype) if x.dtype in LOW_PRECISION else None
+    r64, rlow = references(x, go, p, keep)
     for i, (name, got) in enumerate((("out", out.detach()), ("dx", dx))):
         assert got.dtype == x.dtype and got.shape == x.shape, name
         err, tol = compare(got, r64[i], rlow[i] if rlow else None, x.dtype)
@@ -162,15 +155,6 @@ def test_cpu_and_cuda_agree():
     torch.testing.assert_close(b.cpu(), a, rtol=1e-6, atol=0)
 
 
-def _small(**over):
-    from detr_fast.config import load_config
-
-    sets = ["model.backbone=light", "model.light_channels=[8,16,16,32]", "model.hidden_dim=32", "model.nheads=4",
-            "model.enc_layers=2", "model.dec_layers=3", "model.dim_feedforward=64", "model.num_queries=7",
-            "model.num_classes=5", "model.attention=fused"]
-    return load_config(None, sets + [f"{k}={v}" for k, v in over.items()])
-
-
 def _run(model, images, mask):
     out = model(images, mask)
     loss = out["pred_logits"].square().mean() + out["all_boxes"].sum()
@@ -189,15 +173,15 @@ def test_model_fused_ffn():
     images = torch.randn(2, 3, 48, 64, generator=g)
     mask = torch.zeros(2, 48, 64, dtype=torch.bool)
     mask[1, :, 40:] = True
-    plain = build_detr(_small(**{"model.dropout": "0.0"}))
-    fused = build_detr(_small(**{"model.dropout": "0.0", "model.fused_ffn": "true"}))
+    plain = build_detr(small_cfg(**{"model.attention": "fused"}))
+    fused = build_detr(small_cfg(**{"model.attention": "fused", "model.fused_ffn": "true"}))
     assert list(plain.state_dict()) == list(fused.state_dict())
     fused.load_state_dict(plain.state_dict())
     (o1, g1), (o2, g2) = _run(plain.train(), images, mask), _run(fused.train(), images, mask)
     assert torch.equal(o1["all_boxes"], o2["all_boxes"]) and g1.keys() == g2.keys()
     assert all(torch.equal(g1[n], g2[n]) for n in g1)
 
-    drop = build_detr(_small(**{"model.dropout": "0.1", "model.fused_ffn": "true"}))
+    drop = build_detr(small_cfg(**{"model.attention": "fused", "model.dropout": "0.1", "model.fused_ffn": "true"}))
     drop.load_state_dict(plain.state_dict())
     with torch.no_grad():
         assert torch.equal(drop.eval()(images, mask)["all_boxes"], plain.eval()(images, mask)["all_boxes"])

@@ -17,6 +17,19 @@ from detr_fast.ops.cases_attention import LOW_PRECISION, compare
 from detr_fast.ops.registry import Case, register
 
 
+def references(x, grad_out, p, keep):
+    """((out, dx) of the fp64 reference, the same computed in x's precision or None for fp32/fp64) given the keep
+    mask (None: no dropout), dx for the incoming gradient grad_out."""
+
+    def ref(dt):
+        t = x.detach().to(dt).requires_grad_(True)
+        y = reference.relu_dropout(t, p, keep is not None, dropout_mask=keep)
+        (g,) = torch.autograd.grad(y, t, grad_out.to(dt)) if y.numel() else (torch.zeros_like(t),)
+        return y.detach(), g
+
+    return ref(torch.float64), (ref(x.dtype) if x.dtype in LOW_PRECISION else None)
+
+
 def _case(name, shape, p=0.1, training=True, dtypes=(torch.float32, torch.float16, torch.bfloat16),
           tags=("cpu_half",)):
     state = {}

@@ -76,7 +76,6 @@ struct Fiber {
   bool started = false, done = false;
 };
 
-inline std::vector<Fiber>* g_fibers = nullptr;
 inline Fiber* g_current = nullptr;
 inline jmp_buf g_scheduler;
 inline uint64_t g_progress = 0;  // arrivals at barriers and finished threads: what makes another thread runnable
@@ -231,7 +230,6 @@ void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A.
   static thread_local std::function<void()> body;
   body = [&] { run_kernel_body([&] { kernel(args...); }); };
   g_body = [] { body(); };
-  g_fibers = &fibers;
   emu_block_dim = block;
   emu_grid_dim = grid;
   for (unsigned b = 0; b < grid.x && !g_failed; ++b) {
@@ -268,7 +266,6 @@ void run_grid(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem_bytes, A.
     }
   }
   g_current = nullptr;
-  g_fibers = nullptr;
   g_block = nullptr;
   if (g_failed) throw std::runtime_error("emulated kernel failed: " + g_error);
 }
