@@ -4,13 +4,21 @@
 # DALI was brought over) the data benchmark; print a short summary last. Full logs go under $OUT (or ./gpu_out).
 #
 #   bash benchmarks/gpu_check.sh                 # everything (about 15 minutes: more than one call's 10)
-#   PROFILE=first bash benchmarks/gpu_check.sh   # the decisive half, under 8 minutes: build, the CUDA tests of the
-#                                                # parts never run on a GPU, the eager/graph step variants, DALI
-#   PROFILE=second bash benchmarks/gpu_check.sh  # the rest on the same warm machine (the build is reused):
-#                                                # validate, all CUDA tests, kernel benchmarks, compile variants,
-#                                                # each fusion on its own
+#   PROFILE=first bash benchmarks/gpu_check.sh   # the decisive half, within 560 s: build, the step benchmark
+#                                                # (reference, eager and graph variants), the CUDA tests of the parts
+#                                                # never run on a GPU, DALI
+#   PROFILE=second DEADLINE=200 bash benchmarks/gpu_check.sh
+#                                                # the rest on the same warm machine (the build is reused): the
+#                                                # compiled variants first, then validate, all CUDA tests, kernel
+#                                                # benchmarks, each fusion on its own
 #   STAGES="build validate tests" bash benchmarks/gpu_check.sh
 #   STEP_VARIANTS=ref_tf32,fast bash benchmarks/gpu_check.sh
+#   DRY_RUN=1 PROFILE=first bash benchmarks/gpu_check.sh   # the plan: stages, limits, commands; runs nothing
+#
+# DEADLINE (seconds after the start; the profiles set one, 0 = none) keeps the whole run inside a device call's
+# limit: a stage gets at most the time left before it, a stage with under 30 s left is skipped, and the summary is
+# always printed. Stages run in order of importance, so a run cut short loses the least decisive ones. A dry run
+# assumes every stage takes its whole limit (the worst case) and shows which would be cut or skipped.
 #
 # DALI and pycocotools are not on the lent machines: when /tmp/chunks holds the parts made by
 # shared/tools/gpu-wheels.sh, they are installed into /tmp/site first.
@@ -20,21 +28,27 @@ OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-PY=${PYTHON:-python3}
+export PY=${PYTHON:-python3}
+DRY_RUN=${DRY_RUN:-0}
 case "${PROFILE:-all}" in
   first)
-    DEFAULT_STAGES="wheels build dali_check tests_new bench_step bench_data charts"
+    # the step benchmark right after the build: its figures are what a lease is for; the tests of the never-run
+    # parts next (they also say whether a graph variant's figure is of a correct step)
+    DEFAULT_STAGES="wheels build bench_step charts tests_new dali_check bench_data"
     # the decisive variants first (the stage's time limit keeps what finished): reference, plain, all fused, graphs;
     # the one-option variants are in the second profile
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph ;;
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph
+    DEFAULT_DEADLINE=560 ;;
   second)
-    DEFAULT_STAGES="build validate tests bench_ops bench_assignment bench_attention bench_step charts"
+    DEFAULT_STAGES="build bench_step validate tests bench_ops bench_assignment bench_attention charts"
     # fast_all against ref_compile in one run, then each fusion on its own against fast
-    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32 ;;
+    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32
+    DEFAULT_DEADLINE=560 ;;
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile ;;
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile
+    DEFAULT_DEADLINE=0 ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;
 esac
 STAGES=${STAGES:-$DEFAULT_STAGES}
@@ -42,13 +56,37 @@ STEP_VARIANTS=${STEP_VARIANTS:-$DEFAULT_VARIANTS}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY=()
 
+DEADLINE=${DEADLINE:-$DEFAULT_DEADLINE}
+case "$DEADLINE" in ''|*[!0-9]*) echo "DEADLINE must be a number of seconds"; exit 2 ;; esac
+
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, remember rc and time
   local name=$1 limit=$2; shift 2
   case " $STAGES " in *" $name "*) ;; *) return 0 ;; esac
+  if [ "$DEADLINE" -gt 0 ]; then
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -lt 30 ]; then
+      echo "=== $name skipped: ${left}s left before DEADLINE=${DEADLINE}s"
+      SUMMARY+=("$(printf '%-16s skipped (%ss left before the deadline)' "$name" "$left")")
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "=== $name (limit ${limit}s)"
+  if [ "$DRY_RUN" = 1 ]; then  # the worst case: the stage uses its whole limit
+    echo "    $*"
+    SUMMARY+=("$(printf '%-16s planned %4ss' "$name" "$limit")")
+    SECONDS=$((SECONDS + limit))
+    return 0
+  fi
   local t0=$SECONDS
-  if [ "$(type -t "$1")" = function ]; then "$@" > "$OUT/$name.log" 2>&1; else timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; fi
+  # functions (install_wheels, dali_check) run in a child bash that inherits them, so the limit holds for them too
+  if [ "$(type -t "$1")" = function ]; then
+    timeout "$limit" bash -c '"$@"' _ "$@" > "$OUT/$name.log" 2>&1
+  else
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  fi
   local rc=$?
+  [ "$rc" = 124 ] && echo "(stopped at its ${limit}s limit)" >> "$OUT/$name.log"
   SUMMARY+=("$(printf '%-16s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
   tail -n 25 "$OUT/$name.log"
 }
@@ -58,60 +96,73 @@ install_wheels() {
   cat /tmp/chunks/part_* | tar x -C /tmp && \
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl
 }
-
-nvidia-smi -L 2>&1 | tee "$OUT/env.txt"
-$PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" \
-  2>&1 | tee -a "$OUT/env.txt"
-
-stage wheels 90 install_wheels
-[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-stage build 300 $PY setup.py build_ext --inplace
-stage validate 120 $PY -m detr_fast validate --device cuda
-# pytest-xdist (when present) isolates a crashing test in its worker; the others still report
-XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE $XDIST tests
 # the DALI mixed path against its CPU path, image by image, plus the on-device extent check and the old race count
 dali_check() {  # on a failure, once more with DALI's host-synchronous outputs: tells whether those matter
   timeout 100 $PY benchmarks/dali_gpu_check.py && return 0
   echo "=== dali_check again with DETR_FAST_DALI_SYNC_OUTPUTS=1"
   DETR_FAST_DALI_SYNC_OUTPUTS=1 timeout 100 $PY benchmarks/dali_gpu_check.py
 }
-if $PY -c "import nvidia.dali" 2>/dev/null; then
-  stage dali_check 200 dali_check
-fi
+export -f install_wheels dali_check
+have_dali() { [ "$DRY_RUN" = 1 ] || $PY -c "import nvidia.dali" 2>/dev/null; }
+
 # the CUDA tests of what has never run on a GPU: bias_act and LayerNorm kernels (mixed dtypes), the attention kernels
 # with their [B, L, H, D] output layout, the flat cast and packed projections, CUDA graphs (GraphedStep, the
 # engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check; and the
-# box and assignment kernels, whose launchers moved into *_kernels.cuh since they last ran
-stage tests_new 210 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST tests/test_bias_act.py \
-  tests/test_layernorm.py tests/test_graphs.py tests/test_engine.py tests/test_dali.py tests/test_dali_engine.py \
-  tests/test_data.py tests/test_fast_path.py tests/test_packed_proj.py tests/test_flat_cast.py tests/test_attention.py \
-  tests/test_relu_dropout.py tests/test_box_ops.py tests/test_assignment.py
+# box and assignment kernels, whose launchers moved into *_kernels.cuh since they last ran. The graph and fast-path
+# tests first: they say whether the graph variants' figures are of a correct step.
+NEW_TESTS="tests/test_graphs.py tests/test_fast_path.py tests/test_flat_cast.py tests/test_packed_proj.py
+  tests/test_layernorm.py tests/test_bias_act.py tests/test_relu_dropout.py tests/test_attention.py tests/test_engine.py
+  tests/test_box_ops.py tests/test_assignment.py tests/test_dali.py tests/test_dali_engine.py tests/test_data.py"
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end|relu_dropout enc FFN"}
-stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout \
-  --compile-filter "$COMPILE_FILTER" --json "$OUT/bench_ops.json"
-if [ -f benchmarks/bench_assignment.py ]; then
-  stage bench_assignment 120 $PY benchmarks/bench_assignment.py --device cuda --quick
+
+run_stage() {  # run_stage NAME: one stage of $STAGES, with its time limit and command
+  case "$1" in
+    wheels) stage wheels 90 install_wheels
+            [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site" ;;
+    build) stage build 300 $PY setup.py build_ext --inplace ;;
+    validate) stage validate 120 $PY -m detr_fast validate --device cuda ;;
+    tests) stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE \
+             $XDIST tests ;;
+    tests_new) stage tests_new 210 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST $NEW_TESTS ;;
+    dali_check) have_dali && stage dali_check 200 dali_check ;;
+    bench_ops) stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda \
+                 --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout \
+                 --compile-filter "$COMPILE_FILTER" --json "$OUT/bench_ops.json" ;;
+    bench_assignment) stage bench_assignment 120 $PY benchmarks/bench_assignment.py --device cuda --quick ;;
+    bench_attention) stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 \
+                       --json "$OUT/bench_attention.json" ;;
+    bench_step) stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" \
+                  --breakdown --count-ops --json "$OUT/bench_step.json" ;;
+    charts)  # PNG charts of the kernel speedups and the step breakdown, from whichever JSON exists by then
+      local args=()
+      [ -f "$OUT/bench_ops.json" ] && args+=(--ops "$OUT/bench_ops.json")
+      [ -f "$OUT/bench_step.json" ] && args+=(--step "$OUT/bench_step.json")
+      if [ ${#args[@]} -gt 0 ] || [ "$DRY_RUN" = 1 ]; then
+        stage charts 60 $PY benchmarks/plot_results.py "${args[@]}" --out "$OUT/charts"
+      fi ;;
+    bench_data) have_dali && stage bench_data 150 $PY benchmarks/bench_data.py --device cuda --make-jpegs /tmp/jpegs \
+                  --num-jpegs 1000 --threads 4 --batches 30 --repeats 2 --json "$OUT/bench_data.json" ;;
+    *) echo "unknown stage $1"; SUMMARY+=("$(printf '%-16s unknown stage' "$1")") ;;
+  esac
+  return 0
+}
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "dry run (PROFILE=${PROFILE:-all}, DEADLINE=${DEADLINE}s): nothing is run" | tee "$OUT/env.txt"
+else
+  nvidia-smi -L 2>&1 | tee "$OUT/env.txt"
+  $PY -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])" \
+    2>&1 | tee -a "$OUT/env.txt"
 fi
-if [ -f benchmarks/bench_attention.py ]; then
-  stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 --json "$OUT/bench_attention.json"
-fi
-stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" --breakdown --count-ops \
-  --json "$OUT/bench_step.json"
-# PNG charts of the kernel speedups and the step breakdown (benchmarks/plot_results.py), from whichever JSON exists
-CHART_ARGS=()
-[ -f "$OUT/bench_ops.json" ] && CHART_ARGS+=(--ops "$OUT/bench_ops.json")
-[ -f "$OUT/bench_step.json" ] && CHART_ARGS+=(--step "$OUT/bench_step.json")
-[ ${#CHART_ARGS[@]} -gt 0 ] && stage charts 60 $PY benchmarks/plot_results.py "${CHART_ARGS[@]}" --out "$OUT/charts"
-if $PY -c "import nvidia.dali" 2>/dev/null && [ -f benchmarks/bench_data.py ]; then
-  stage bench_data 150 $PY benchmarks/bench_data.py --device cuda --make-jpegs /tmp/jpegs --num-jpegs 1000 \
-    --threads 4 --batches 30 --repeats 2 --json "$OUT/bench_data.json"
-fi
+# pytest-xdist (when present) isolates a crashing test in its worker; the others still report
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+for name in $STAGES; do run_stage "$name"; done
 
 echo
 echo "=== summary ($(head -n1 "$OUT/env.txt"))"
 for line in "${SUMMARY[@]}"; do echo "$line"; done
+[ "$DRY_RUN" = 1 ] && exit 0
 [ -f "$OUT/dali_check.log" ] && { echo "--- dali_check"; grep -E '^(val|pin|random|extent|race|exif|CPU_VS)' "$OUT/dali_check.log"; }
 for f in tests tests_new; do
   [ -f "$OUT/$f.log" ] && { echo "--- $f"; grep -E '(passed|failed|error)' "$OUT/$f.log" | tail -n 12; }
