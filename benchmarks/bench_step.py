@@ -26,12 +26,19 @@ torch.cuda.set_sync_debug_mode on a GPU) and the loss of each path on the same w
 --count-ops adds the operators one eager step dispatches (all, those that launch work, casts).
 --breakdown adds each variant's time split into kernel categories (and GPU idle time); benchmarks/plot_results.py
 draws it.
+--mixed N adds training throughput over N batches of different shapes, as multi-scale training draws them (each
+batch's largest image at one of DETR's scales): eager variants run each batch at its own padded size, graph variants
+pad it up to fixed sizes (--pad-to, as data.pad_to does in training) and replay one CUDA graph per padded shape, so
+the padding they add is paid for in the figure (mixed_pad: padded pixels over the batches' own).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import math
+import random
 import sys
 import time
 import warnings
@@ -104,6 +111,80 @@ def make_batch(B, max_h, max_w, num_classes, device, seed=0, min_targets=1, max_
     boxes = boxes * valid[..., None]
     targets = {"labels": labels.to(device), "boxes": boxes.to(device), "num_targets": n.to(device)}
     return images.to(device), mask.to(device), targets
+
+
+# DETR's multi-scale training: the shorter side resized to one of these (the longer side at most 1333)
+DETR_SCALES = tuple(range(480, 801, 32))
+
+
+def make_mixed_batches(n, B, max_h, max_w, num_classes, device, seed=100):
+    """n batches of different shapes: batch i's largest image is (max_h, max_w) scaled by one of DETR_SCALES / 800,
+    its other images 60-100% of that (make_batch), 1-30 targets each."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        s = rng.choice(DETR_SCALES) / 800
+        out.append(make_batch(B, max(int(max_h * s), 8), max(int(max_w * s), 8), num_classes, device, seed=seed + i))
+    return out
+
+
+def default_buckets(H, W):
+    """Fixed sizes for the graph variants' padding: 512, 640, 800, 1024, 1333 at full size (H = 800), scaled with H
+    otherwise (multiples of 8), plus H and W themselves so that every drawn batch fits."""
+    return sorted({8 * math.ceil(b * H / 800 / 8) for b in (512, 640, 800, 1024, 1333)} | {H, W})
+
+
+@dataclasses.dataclass
+class _Inputs:
+    images: torch.Tensor
+    mask: torch.Tensor
+    targets: dict
+
+
+def pad_inputs(batch, buckets, max_targets):
+    """(images, mask, targets) padded as data.pad_to / data.max_targets pad a training batch (data.pad_batch)."""
+    from detr_fast.data import pad_batch
+
+    p = pad_batch(_Inputs(*batch), buckets, max_targets)
+    return p.images, p.mask, p.targets
+
+
+def time_mixed(step, batches, device, graph=False, buckets=(), max_targets=0, reps=2) -> dict:
+    """Training throughput over `batches` of different shapes: one untimed pass (lazy set-up, cuDNN autotuning of
+    each shape; for graph=True the capture of one GraphedStep per padded shape, each after one eager warm-up step),
+    then `reps` timed passes; the host clock over whole passes, so every cost of a step counts (for graph variants
+    the padding and the input copies too). -> {ms_per_step, img_per_s, pad (padded pixels over the batches' own),
+    graphs}."""
+    graphs = {}
+    if graph:
+        from detr_fast.graphs import GraphedStep
+
+        pool = torch.cuda.graph_pool_handle()
+
+        def run(b):
+            p = pad_inputs(b, buckets, max_targets)
+            key = (tuple(p[0].shape), tuple(p[2]["labels"].shape))
+            if key not in graphs:
+                graphs[key] = GraphedStep(step, p, warmup=1, pool=pool)
+                return
+            graphs[key](*p)
+    else:
+        def run(b):
+            step(*b)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for b in batches:
+        run(b)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for b in batches:
+            run(b)
+    sync()
+    ms = (time.perf_counter() - t0) * 1e3 / (reps * len(batches))
+    own = sum(b[0].shape[-2] * b[0].shape[-1] for b in batches)
+    padded = sum(math.prod(pad_inputs(b, buckets, max_targets)[0].shape[-2:]) for b in batches) if graph else own
+    return {"ms_per_step": ms, "img_per_s": batches[0][0].shape[0] * 1e3 / ms, "pad": padded / own,
+            "graphs": len(graphs)}
 
 
 def build(cfg_overrides, variant, device):
@@ -270,6 +351,15 @@ def main(argv=None):
                     help="also count the operators one eager step dispatches (ops, compute_ops, casts columns)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also profile each variant's step and split its time into kernel categories")
+    ap.add_argument("--mixed", type=int, default=0, metavar="N",
+                    help="also time training over N batches of different shapes (graph variants: padded to --pad-to)")
+    ap.add_argument("--mixed-variants", default="",
+                    help="the variants --mixed times (default: every variant run but the compiled ones, which would "
+                         "recompile for each shape)")
+    ap.add_argument("--mixed-reps", type=int, default=2, help="timed passes over the --mixed batches")
+    ap.add_argument("--pad-to", default="",
+                    help="sizes the graph variants pad each side up to under --mixed (default: 512, 640, 800, 1024, "
+                         "1333 at full size, scaled with the image size)")
     a = ap.parse_args(argv)
     device = a.device
     small = a.small or device == "cpu"
@@ -283,6 +373,15 @@ def main(argv=None):
     print(environment(device), flush=True)
     print(f"batch {B}, images up to {H}x{W}, {backbone}, 6+6 layers, aux loss", flush=True)
     images, mask, targets = make_batch(B, H, W, 91, device)
+    mixed_batches, buckets = [], []
+    if a.mixed:
+        mixed_batches = make_mixed_batches(a.mixed, B, H, W, 91, device)
+        buckets = [int(x) for x in a.pad_to.split(",") if x] if a.pad_to else default_buckets(H, W)
+        mixed_names = set(v for v in a.mixed_variants.split(",") if v) or {
+            v for v in variants if not VARIANTS[v]["compile"]}
+        print(f"--mixed: {a.mixed} batches, largest images " + ", ".join(
+            f"{b[0].shape[-2]}x{b[0].shape[-1]}" for b in mixed_batches) + f"; graph variants padded to {buckets}",
+            flush=True)
 
     torch.manual_seed(0)
     _, base_model, _ = build(overrides, "ref_fp32", device)
@@ -301,6 +400,7 @@ def main(argv=None):
             model = torch.compile(model)
         step = make_step(model, criterion, cfg, v["amp"], device, fused_opt=v["kernels"] == "fused",
                          capturable=v.get("graph", False))
+        eager_step = step
         if v.get("graph"):
             if device != "cuda":
                 print(f"{name}: skipped (CUDA graphs need a GPU)", flush=True)
@@ -333,9 +433,19 @@ def main(argv=None):
                 print(f"{name}: breakdown failed: {type(exc).__name__}: {exc}", flush=True)
         if device == "cuda":
             row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        if mixed_batches and name in mixed_names:
+            try:
+                m = time_mixed(eager_step, mixed_batches, device, graph=v.get("graph", False), buckets=buckets,
+                               max_targets=max(int(b[2]["labels"].shape[1]) for b in mixed_batches),
+                               reps=a.mixed_reps)
+                row.update({f"mixed_{k}": val for k, val in m.items()})
+                print(f"{name} mixed shapes: {m['ms_per_step']:.1f} ms/step, {m['img_per_s']:.1f} img/s, padding "
+                      f"x{m['pad']:.3f}" + (f", {m['graphs']} graphs" if m["graphs"] else ""), flush=True)
+            except Exception as exc:  # extra information: never lose the fixed-batch figures for it
+                print(f"{name}: mixed shapes failed: {type(exc).__name__}: {exc}", flush=True)
         rows.append(row)
         print(f"{name}: {ms:.1f} ms/step", flush=True)
-        del model, criterion, step
+        del model, criterion, step, eager_step
         if device == "cuda":
             torch.cuda.empty_cache()
         _add_ratios(rows)
@@ -343,7 +453,8 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump({"environment": environment(device), "batch": [B, H, W], "rows": rows}, f, indent=1)
     cols = ["variant", "ms_per_step", "img_per_s", "x_ref_tf32", "x_ref_compile", "peak_mem_GiB", "syncs_per_step",
-            "loss_same_batch"] + (["ops", "compute_ops", "casts"] if a.count_ops else [])
+            "loss_same_batch"] + (["ops", "compute_ops", "casts"] if a.count_ops else []) + (
+            ["mixed_ms_per_step", "mixed_img_per_s", "mixed_x_ref_tf32", "mixed_pad", "mixed_graphs"] if a.mixed else [])
     print(format_table(rows, cols))
     return 0
 
@@ -355,6 +466,8 @@ def _add_ratios(rows: list) -> None:
             r["x_ref_tf32"] = by["ref_tf32"]["ms_per_step"] / r["ms_per_step"]
         if "ref_compile" in by:
             r["x_ref_compile"] = by["ref_compile"]["ms_per_step"] / r["ms_per_step"]
+        if "mixed_ms_per_step" in by.get("ref_tf32", {}) and "mixed_ms_per_step" in r:
+            r["mixed_x_ref_tf32"] = by["ref_tf32"]["mixed_ms_per_step"] / r["mixed_ms_per_step"]
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@
 #                                                # benchmarks, each fusion on its own
 #   STAGES="build validate tests" bash benchmarks/gpu_check.sh
 #   STEP_VARIANTS=ref_tf32,fast bash benchmarks/gpu_check.sh
+#   MIXED=0 PROFILE=first bash benchmarks/gpu_check.sh    # without the mixed-shape throughput (bench_step --mixed)
 #   DRY_RUN=1 PROFILE=first bash benchmarks/gpu_check.sh   # the plan: stages, limits, commands; runs nothing
 #
 # DEADLINE (seconds after the start; the profiles set one, 0 = none) keeps the whole run inside a device call's
@@ -38,21 +39,28 @@ case "${PROFILE:-all}" in
     # the decisive variants first (the stage's time limit keeps what finished): reference, plain, all fused, graphs;
     # the one-option variants are in the second profile
     DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph
+    # and training throughput over batches of different shapes (the graph variant pads them to fixed sizes)
+    DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast,fast_all
     DEFAULT_DEADLINE=560 ;;
   second)
     DEFAULT_STAGES="build bench_step validate tests bench_ops bench_assignment bench_attention charts"
     # fast_all against ref_compile in one run, then each fusion on its own against fast
     DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32
+    DEFAULT_MIXED=0 DEFAULT_MIXED_VARIANTS=
     DEFAULT_DEADLINE=560 ;;
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
     DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile
+    DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast,fast_all
     DEFAULT_DEADLINE=0 ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;
 esac
 STAGES=${STAGES:-$DEFAULT_STAGES}
 STEP_VARIANTS=${STEP_VARIANTS:-$DEFAULT_VARIANTS}
+MIXED=${MIXED:-$DEFAULT_MIXED} MIXED_VARIANTS=${MIXED_VARIANTS-$DEFAULT_MIXED_VARIANTS}
+MIXED_ARGS=()
+[ "$MIXED" -gt 0 ] && MIXED_ARGS=(--mixed "$MIXED" --mixed-variants "$MIXED_VARIANTS")
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY=()
 
@@ -102,7 +110,21 @@ dali_check() {  # on a failure, once more with DALI's host-synchronous outputs: 
   echo "=== dali_check again with DETR_FAST_DALI_SYNC_OUTPUTS=1"
   DETR_FAST_DALI_SYNC_OUTPUTS=1 timeout 100 $PY benchmarks/dali_gpu_check.py
 }
-export -f install_wheels dali_check
+# the extension: prebuilt on a GPU-less machine (benchmarks/prebuild_device_ext.sh, carried as .device_ext) when its
+# stamp fits this machine's torch, the architectures and the sources here; else (or with PREBUILT=0) built here
+build_ext() {
+  if [ "${PREBUILT:-1}" = 1 ] && [ -f .device_ext/_C.so ]; then
+    if $PY benchmarks/ext_stamp.py check .device_ext && cp .device_ext/_C.so detr_fast/_C.so && \
+       $PY -c "import detr_fast.ops as o, sys; sys.exit(not o.has_kernel('attention', 'cuda'))"; then
+      echo "using the prebuilt extension .device_ext/_C.so"
+      return 0
+    fi
+    echo "the prebuilt extension does not fit or load: building here"
+    rm -f detr_fast/_C.so
+  fi
+  $PY setup.py build_ext --inplace
+}
+export -f install_wheels dali_check build_ext
 have_dali() { [ "$DRY_RUN" = 1 ] || $PY -c "import nvidia.dali" 2>/dev/null; }
 
 # the CUDA tests of what has never run on a GPU: bias_act and LayerNorm kernels (mixed dtypes), the attention kernels
@@ -120,7 +142,7 @@ run_stage() {  # run_stage NAME: one stage of $STAGES, with its time limit and c
   case "$1" in
     wheels) stage wheels 90 install_wheels
             [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site" ;;
-    build) stage build 300 $PY setup.py build_ext --inplace ;;
+    build) stage build 300 build_ext ;;
     validate) stage validate 120 $PY -m detr_fast validate --device cuda ;;
     tests) stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE \
              $XDIST tests ;;
@@ -133,7 +155,7 @@ run_stage() {  # run_stage NAME: one stage of $STAGES, with its time limit and c
     bench_attention) stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 \
                        --json "$OUT/bench_attention.json" ;;
     bench_step) stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" \
-                  --breakdown --count-ops --json "$OUT/bench_step.json" ;;
+                  --breakdown --count-ops "${MIXED_ARGS[@]}" --json "$OUT/bench_step.json" ;;
     charts)  # PNG charts of the kernel speedups and the step breakdown, from whichever JSON exists by then
       local args=()
       [ -f "$OUT/bench_ops.json" ] && args+=(--ops "$OUT/bench_ops.json")

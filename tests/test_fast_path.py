@@ -152,3 +152,61 @@ def test_whole_model_under_torch_compile(extra):
     assert g1.keys() == g2.keys()
     for n in g1:
         assert torch.equal(g2[n], g1[n]), n
+
+
+def test_bench_step_mixed_shapes(monkeypatch):
+    """bench_step --mixed: batches of different shapes; an eager step sees each batch as drawn, a graph variant each
+    batch padded up to the buckets (every pixel and target row kept, padding masked), one capture per padded shape
+    and replays after it. The graph is stood in for on the CPU by a recorder that runs the step it wraps."""
+    import bench_step
+
+    batches = bench_step.make_mixed_batches(6, 2, 80, 120, 7, "cpu", seed=3)
+    shapes = {tuple(b[0].shape) for b in batches}
+    assert len(shapes) > 1 and all(h <= 80 and w <= 120 for _, _, h, w in shapes)
+    buckets = bench_step.default_buckets(80, 120)
+    assert buckets == sorted(buckets) and {80, 120} <= set(buckets) and buckets[0] >= 48
+
+    seen = []
+
+    def step(images, mask, targets):
+        seen.append((tuple(images.shape), tuple(targets["labels"].shape)))
+        return images.sum()
+
+    m = bench_step.time_mixed(step, batches, "cpu", reps=2)
+    assert seen == [(tuple(b[0].shape), tuple(b[2]["labels"].shape)) for b in batches] * 3
+    assert m["pad"] == 1.0 and m["graphs"] == 0 and m["img_per_s"] > 0
+
+    captured, replayed = [], []
+
+    class Recorder:  # GraphedStep's contract: warm-up steps on the example inputs, then replays of new inputs
+        def __init__(self, fn, inputs, warmup=3, pool=None):
+            self.fn, self.shapes = fn, [tuple(t.shape) for t in (inputs[0], inputs[1], inputs[2]["labels"])]
+            captured.append(self.shapes)
+            for _ in range(warmup):
+                fn(*inputs)
+
+        def __call__(self, images, mask, targets):
+            assert [tuple(t.shape) for t in (images, mask, targets["labels"])] == self.shapes
+            replayed.append(self.shapes)
+            return self.fn(images, mask, targets)
+
+    import detr_fast.graphs
+
+    monkeypatch.setattr(detr_fast.graphs, "GraphedStep", Recorder)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    seen.clear()
+    T = max(b[2]["labels"].shape[1] for b in batches)
+    m = bench_step.time_mixed(step, batches, "cpu", graph=True, buckets=buckets, max_targets=T, reps=2)
+    padded = [bench_step.pad_inputs(b, buckets, T) for b in batches]
+    keys = {tuple(p[0].shape) for p in padded}
+    assert m["graphs"] == len(captured) == len(keys) < len(batches)
+    assert len(replayed) == 2 * len(batches) + len(batches) - len(keys)  # the warm-up pass replays seen shapes
+    for (images, mask, targets), (pi, pm, pt) in zip(batches, padded):
+        H, W = images.shape[-2:]
+        assert pi.shape[-2] in buckets and pi.shape[-1] in buckets and pt["labels"].shape[1] == T
+        assert torch.equal(pi[..., :H, :W], images) and not pi[..., H:, :].any() and not pi[..., :, W:].any()
+        assert torch.equal(pm[:, :H, :W], mask) and pm[:, H:, :].all() and pm[:, :, W:].all()
+        n = targets["labels"].shape[1]
+        assert torch.equal(pt["boxes"][:, :n], targets["boxes"]) and not pt["boxes"][:, n:].any()
+    own = sum(b[0].shape[-2] * b[0].shape[-1] for b in batches)
+    assert m["pad"] == pytest.approx(sum(p[0].shape[-2] * p[0].shape[-1] for p in padded) / own) and m["pad"] > 1

@@ -38,6 +38,7 @@ def test_first_profile_times_the_step_right_after_the_build(tmp_path):
     assert names.index("tests_new") > names.index("bench_step")
     step = next(c for c in commands if "bench_step.py" in c)
     assert re.search(r"--variants ref_tf32,fast,fast_all,", step)
+    assert "--mixed 6 --mixed-variants ref_tf32,fast,fast_all" in step
     tests_new = next(c for c in commands if "tests/test_graphs.py" in c)
     assert tests_new.index("test_graphs.py") < tests_new.index("test_assignment.py")  # graph tests first
 
@@ -85,3 +86,35 @@ def test_bad_settings_are_refused(tmp_path, env):
     res = subprocess.run(["bash", str(SCRIPT)], env=full, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert "must be" in res.stdout
+
+
+def test_prebuilt_extension_stamp(tmp_path):
+    """benchmarks/ext_stamp.py: a stamp written for a _C.so fits until the .so, the sources' hash, torch or the
+    architectures differ; gpu_check.sh's build stage builds from source whenever `check` fails."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import ext_stamp
+
+    d = tmp_path / "ext"
+    d.mkdir()
+    assert ext_stamp.mismatches(d) and ext_stamp.main(["check", str(d)]) == 1  # nothing there
+    with pytest.raises(FileNotFoundError):
+        ext_stamp.write(d, "9.0")
+    (d / "_C.so").write_bytes(os.urandom(64))
+    stamp = ext_stamp.write(d, "9.0")
+    assert stamp["sources"] == ext_stamp.source_hash() and len(stamp["sources"]) == 64
+    assert ext_stamp.mismatches(d, "9.0") == [] and ext_stamp.main(["check", str(d), "--arch", "9.0"]) == 0
+    assert any(m.startswith("arch:") for m in ext_stamp.mismatches(d, "8.0;9.0"))
+    for key, value in [("sources", "0" * 64), ("torch", "2.0.0"), ("torch_git", "abc")]:
+        (d / "stamp.json").write_text(json.dumps(dict(stamp, **{key: value})))
+        assert [m.split(":")[0] for m in ext_stamp.mismatches(d, "9.0")] == [key]
+    (d / "stamp.json").write_text(json.dumps(stamp))
+    (d / "_C.so").write_bytes(os.urandom(64))  # another build under the same stamp
+    assert [m.split(":")[0] for m in ext_stamp.mismatches(d, "9.0")] == ["so_sha256"]
+    (d / "stamp.json").write_text("{not json")
+    assert "unreadable" in ext_stamp.mismatches(d, "9.0")[0]
+    # every source of the extension is in the hash: a .cuh header too
+    names = {p.relative_to(ROOT).as_posix() for p in ext_stamp.source_files()}
+    assert "setup.py" in names and any(n.endswith(".cuh") for n in names) and any(n.endswith(".cu") for n in names)
