@@ -129,9 +129,11 @@ def make_mixed_batches(n, B, max_h, max_w, num_classes, device, seed=100):
 
 
 def default_buckets(H, W):
-    """Fixed sizes for the graph variants' padding: 512, 640, 800, 1024, 1333 at full size (H = 800), scaled with H
-    otherwise (multiples of 8), plus H and W themselves so that every drawn batch fits."""
-    return sorted({8 * math.ceil(b * H / 800 / 8) for b in (512, 640, 800, 1024, 1333)} | {H, W})
+    """Fixed sizes for the graph variants' padding: a 64-pixel grid from 512 at full size (H = 800; 512, 576, ...,
+    1280, then 800 and 1333 themselves), scaled with H otherwise (multiples of 8). Under DETR's scales the grid pads
+    the batches' largest images by about 5% in pixels (9 shapes), where 640, 800, 1024, 1333 pad by about 21%."""
+    step, first = 8 * max(1, round(64 * H / 800 / 8)), 8 * max(1, round(512 * H / 800 / 8))
+    return sorted(set(range(first, max(H, W), step)) | {H, W})
 
 
 @dataclasses.dataclass
@@ -358,8 +360,8 @@ def main(argv=None):
                          "recompile for each shape)")
     ap.add_argument("--mixed-reps", type=int, default=2, help="timed passes over the --mixed batches")
     ap.add_argument("--pad-to", default="",
-                    help="sizes the graph variants pad each side up to under --mixed (default: 512, 640, 800, 1024, "
-                         "1333 at full size, scaled with the image size)")
+                    help="sizes the graph variants pad each side up to under --mixed (default: a 64-pixel grid from "
+                         "512 to 1333 at full size, scaled with the image size)")
     a = ap.parse_args(argv)
     device = a.device
     small = a.small or device == "cpu"
