@@ -424,7 +424,9 @@ def main(argv=None):
         syncs = count_syncs(lambda: step(images, mask, targets), device)
         row = {"variant": name, "ms_per_step": ms, "img_per_s": B * 1e3 / ms, "loss_same_batch": loss,
                "syncs_per_step": syncs}
-        if a.count_ops and not v.get("graph"):  # a replayed graph dispatches nothing: count the eager step instead
+        # a replayed graph dispatches nothing, a compiled model its generated kernels (and a dispatch mode around it
+        # could cost a recompilation): counted for the eager variants only
+        if a.count_ops and not v.get("graph") and not v["compile"]:
             row.update(count_ops(lambda: step(images, mask, targets)))
         if a.breakdown:
             try:

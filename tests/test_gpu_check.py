@@ -37,7 +37,7 @@ def test_first_profile_times_the_step_right_after_the_build(tmp_path):
     assert names[:3] == ["wheels", "build", "bench_step"]
     assert names.index("tests_new") > names.index("bench_step")
     step = next(c for c in commands if "bench_step.py" in c)
-    assert re.search(r"--variants ref_tf32,fast,fast_all,", step)
+    assert re.search(r"--variants ref_tf32,fast,fast_all,\S*,ref_compile ", step)  # the compiled reference last
     assert "--mixed 6 --mixed-variants ref_tf32,fast,fast_all" in step
     tests_new = next(c for c in commands if "tests/test_graphs.py" in c)
     assert tests_new.index("test_graphs.py") < tests_new.index("test_assignment.py")  # graph tests first
