@@ -46,13 +46,14 @@ case "${PROFILE:-all}" in
   second)
     DEFAULT_STAGES="build bench_step validate tests bench_ops bench_assignment bench_attention charts"
     # fast_all against ref_compile in one run, then each fusion on its own against fast
-    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32
+    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast_frozen,fast_fused,fast
+    DEFAULT_VARIANTS+=,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32
     DEFAULT_MIXED=0 DEFAULT_MIXED_VARIANTS=
     DEFAULT_DEADLINE=470 ;;
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_frozen,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast,fast_all
     DEFAULT_DEADLINE=0 ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;
@@ -133,8 +134,8 @@ have_dali() { [ "$DRY_RUN" = 1 ] || $PY -c "import nvidia.dali" 2>/dev/null; }
 # engine's train.cuda_graph), the async loss readback, the DALI mixed path, the fast step's sync-free check; and the
 # box and assignment kernels, whose launchers moved into *_kernels.cuh since they last ran. The graph and fast-path
 # tests first: they say whether the graph variants' figures are of a correct step.
-NEW_TESTS="tests/test_graphs.py tests/test_fast_path.py tests/test_flat_cast.py tests/test_packed_proj.py
-  tests/test_layernorm.py tests/test_bias_act.py tests/test_relu_dropout.py tests/test_attention.py tests/test_engine.py
+NEW_TESTS="tests/test_graphs.py tests/test_fast_path.py tests/test_fused_backbone.py tests/test_flat_cast.py
+  tests/test_packed_proj.py tests/test_layernorm.py tests/test_bias_act.py tests/test_relu_dropout.py tests/test_attention.py tests/test_engine.py
   tests/test_box_ops.py tests/test_assignment.py tests/test_dali.py tests/test_dali_engine.py tests/test_data.py"
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end|relu_dropout enc FFN"}

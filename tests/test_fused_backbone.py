@@ -12,7 +12,7 @@ from detr_fast.config import ConfigError, load_config
 from detr_fast.criterion import build_criterion
 from detr_fast.models import build_detr
 from detr_fast.models.backbone import Backbone
-from detr_fast.models.fold import BiasActBlock, FoldedConv2d, fold_frozen_bn, fuse_bias_act
+from detr_fast.models.fold import BiasActBlock, FoldedConv2d, fold_frozen_bn, fuse_bias_act, fuse_frozen_convs
 
 pytestmark = pytest.mark.filterwarnings("ignore:detr_fast.ops.bias_act")
 
@@ -274,3 +274,104 @@ def test_fuse_bias_act_needs_folded_resnet_config():
     body = model.backbone[0].body
     assert body.conv1.fused_relu and isinstance(body.relu, torch.nn.Identity)
     assert fuse_bias_act(body) == 0  # already fused
+
+
+def test_frozen_conv_fusion_marks_frozen_convolutions_and_leaves_the_cpu_path_alone():
+    """model.frozen_conv_fusion marks exactly the frozen folded convolutions (DETR's stem and layer1). On the CPU
+    the cuDNN path never runs: outputs and gradients are those of the model without the option, bit for bit."""
+    for bad in ([], ["model.fused_bias_act=false"]):
+        with pytest.raises(ConfigError, match="model.frozen_conv_fusion needs"):
+            load_config(None, ["model.frozen_conv_fusion=true"] + bad)
+    torch.manual_seed(0)
+    plain = build_detr(_small_detr(True)).double()
+    sets = _small_detr(True)
+    sets.model.frozen_conv_fusion = True
+    fused = build_detr(sets).double()
+    _randomize_bn(plain, 6)
+    fused.load_state_dict(plain.state_dict(), strict=True)
+    frozen = [n for n, m in fused.named_modules() if isinstance(m, FoldedConv2d) and not m.weight.requires_grad]
+    marked = [n for n, m in fused.named_modules() if getattr(m, "frozen_fusion", False)]
+    assert marked == frozen and len(marked) == 1 + 2 * 2  # resnet18: the stem and layer1's two blocks
+    assert all(".body.conv1" in n or ".body.layer1." in n for n in marked)
+    assert not any(getattr(m, "frozen_fusion", False) for m in plain.modules())
+    assert fuse_frozen_convs(fused) == len(marked)  # marking twice is harmless
+    x = torch.randn(2, 3, 67, 95, dtype=torch.float64)
+    assert not fused.backbone[0].body.conv1.forward_only(x)  # a CPU tensor
+    with torch.no_grad():
+        assert not fused.backbone[0].body.conv1.forward_only(x)
+    crit = build_criterion(_small_detr(False))
+    mask = torch.zeros(2, 67, 95, dtype=torch.bool)
+    res = []
+    for model in (plain, fused):
+        out = model(x, mask)
+        total = sum(v * crit.weight_dict[k] for k, v in crit(out, _targets()).items())
+        total.backward()
+        res.append((out["pred_boxes"], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = res
+    assert torch.equal(a, b) and ga.keys() == gb.keys()
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
+
+
+def _frozen_fused_trunk(dtype, channels_last):
+    """(bias_act trunk, the same with fuse_frozen_convs) on the GPU, and the plain trunk in float64 on the CPU."""
+    plain, _, fused = _trunks("resnet50", torch.float32, channels_last)
+    frozen = copy.deepcopy(fused)
+    assert fuse_frozen_convs(frozen) == 1 + 3 * 3 + 1  # the stem, layer1's three blocks and its downsample
+    return fused.cuda(), frozen.cuda(), plain.double()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_frozen_conv_fusion_on_gpu(amp, monkeypatch):
+    """On a GPU the frozen stem and layer1 run as cuDNN's fused convolution + bias (+ residual) + ReLU: the stem and
+    each block's inner convolutions through cudnn_convolution_relu, each block's last through
+    cudnn_convolution_add_relu. The trunk's output and the trainable layers' gradients, against the float64 plain
+    trunk, err at most twice what the bias_act path errs (fp32 with TF32 off; bf16 autocast)."""
+    calls = {"relu": 0, "add_relu": 0}
+    relu, add_relu = torch.cudnn_convolution_relu, torch.cudnn_convolution_add_relu
+
+    def count(name, fn):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", count("relu", relu))
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", count("add_relu", add_relu))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for channels_last in (False, True):
+        fused, frozen, ref = _frozen_fused_trunk(torch.float32, channels_last)
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(2, 3, 97, 131, generator=g)
+        with torch.no_grad():
+            r = torch.randn(ref(x.double())["0"].shape, generator=g)
+
+        def run(net, device, dtype):
+            xx = x.to(device, dtype)
+            if channels_last:
+                xx = xx.contiguous(memory_format=torch.channels_last)
+            net.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16" and device == "cuda"):
+                out = net(xx)["0"]
+            (out.double() * r.to(device, torch.float64)).sum().backward()
+            return out.double().cpu(), {n: p.grad.double().cpu() for n, p in net.named_parameters()
+                                        if p.grad is not None}
+
+        out_ref, g_ref = run(ref, "cpu", torch.float64)
+        before = dict(calls)
+        out_b, g_b = run(fused, "cuda", torch.float32)
+        assert calls == before  # the bias_act trunk never takes the cuDNN path
+        out_f, g_f = run(frozen, "cuda", torch.float32)
+        assert calls["relu"] - before["relu"] == 1 + 3 * 2 and calls["add_relu"] - before["add_relu"] == 3
+
+        def err(a, b):
+            return float((a - b).norm() / b.norm())
+
+        assert err(out_f, out_ref) <= 2 * err(out_b, out_ref) + 1e-7, (err(out_f, out_ref), err(out_b, out_ref))
+        assert g_f.keys() == g_b.keys() == g_ref.keys() and not any(n.startswith(("conv1", "layer1")) for n in g_f)
+        for n in g_ref:
+            assert err(g_f[n], g_ref[n]) <= 2 * err(g_b[n], g_ref[n]) + 1e-7, n
+        if channels_last:
+            assert frozen(x.cuda().contiguous(memory_format=torch.channels_last))["0"].is_contiguous(
+                memory_format=torch.channels_last)

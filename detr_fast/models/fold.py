@@ -22,6 +22,15 @@ fuse_bias_act (after fold_frozen_bn) goes one step further: a folded convolution
 its own under eager PyTorch, then the ReLU, and at a residual block's end the residual add and another ReLU, each a
 full pass over the activation. The fused blocks run each convolution without bias and apply bias, residual and ReLU
 in one detr_fast.ops.bias_act call.
+
+fuse_frozen_convs (model.frozen_conv_fusion, after fuse_bias_act) goes further still where no gradient is needed:
+the frozen stem and the frozen blocks (DETR freezes the stem and layer1) run forward only, so on a GPU their
+convolution, bias, residual add and ReLU can be one cuDNN call (torch.cudnn_convolution_relu and
+cudnn_convolution_add_relu, operators without a backward). The activation is then written once, by the
+convolution, instead of written by it and read and written again by bias_act. cuDNN adds the bias to the fp32
+accumulator before the one rounding to the activation's dtype, where the unfused path rounds the convolution's
+output first: the results agree to that rounding. Anywhere a gradient could be needed (a trainable weight, an input
+that requires grad), on the CPU and while torch.compile traces, the bias_act path runs.
 """
 from __future__ import annotations
 
@@ -97,6 +106,7 @@ class FoldedConv2d(nn.Module):
         self.weight = conv.weight
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.fused_relu = False
+        self.frozen_fusion = False  # set by fuse_frozen_convs: cuDNN's fused conv + bias (+ residual) + ReLU
         object.__setattr__(self, "_bn", bn)  # not a submodule: its buffers stay under the BN's own name
         self._cache: dict = {}  # name -> (key, value, pinned storages); not a buffer: the state dict is unchanged
         # (folded weight or None, scale [C, 1, 1, 1], shift, shift in the operand dtype or None): lent by TrunkFold
@@ -157,15 +167,43 @@ class FoldedConv2d(nn.Module):
         weight, shift = self._folded(x, cast_shift=False)
         return self._conv(x, weight, None), shift
 
+    def forward_only(self, x: torch.Tensor) -> bool:
+        """Whether this call may take cuDNN's fused path (fuse_frozen_convs): no gradient can flow through it."""
+        if not self.frozen_fusion or not x.is_cuda or torch.compiler.is_compiling():
+            return False
+        if not torch.is_grad_enabled():
+            return True
+        bn = self._bn
+        return not any(t.requires_grad for t in (x, self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+
+    def conv_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                  combine: Callable | None = None) -> torch.Tensor:
+        """relu(conv(x, W * s) + t (+ residual)) as one cuDNN call, in autocast's dtype for x (callers check
+        forward_only first); combine(t) -> the bias to add instead of t (a downsample's bias joined to it)."""
+        dtype = autocast_dtype(x, self.weight)
+        weight, shift = self._folded(x, cast_shift=combine is None)
+        if combine is not None:
+            shift = combine(shift)
+        # each a no-op where the tensor already has the dtype (the cached folded weight and cast shift do)
+        x, weight, shift = x.to(dtype), weight.to(dtype), shift.to(dtype)
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, weight, shift, self.stride, self.padding, self.dilation,
+                                                self.groups)
+        return torch.cudnn_convolution_add_relu(x, weight, residual.to(dtype), 1.0, shift, self.stride, self.padding,
+                                                self.dilation, self.groups)
+
     def forward(self, x):
         if self.fused_relu:
+            if self.forward_only(x):
+                return self.conv_relu(x)
             y, shift = self.conv_nobias(x)
             return bias_act(y, shift, relu=True)
         weight, shift = self._folded(x, cast_shift=True)
         return self._conv(x, weight, shift)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, stride={self.stride}" + (", fused_relu=True" if self.fused_relu else "")
+        return f"{tuple(self.weight.shape)}, stride={self.stride}" + (
+            ", fused_relu=True" if self.fused_relu else "") + (", frozen_fusion=True" if self.frozen_fusion else "")
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -324,6 +362,9 @@ class BiasActBlock(nn.Module):
         return super()._apply(*args, **kwargs)
 
     def forward(self, x):
+        convs = [getattr(self, f"conv{i}") for i in range(1, self.n_convs + 1)]
+        if all(c.forward_only(x) for c in convs) and (self.downsample is None or self.downsample[0].forward_only(x)):
+            return self._forward_cudnn(x, convs)  # a frozen block (fuse_frozen_convs): no gradient flows here
         y = x
         for i in range(1, self.n_convs):
             y, s = getattr(self, f"conv{i}").conv_nobias(y)
@@ -335,6 +376,15 @@ class BiasActBlock(nn.Module):
             identity, t = self.downsample[0].conv_nobias(x)
             s = self._combined_bias(s, t)
         return bias_act(y, s, residual=identity.to(y.dtype), relu=True)
+
+    def _forward_cudnn(self, x, convs):
+        y = x
+        for conv in convs[:-1]:
+            y = conv.conv_relu(y)
+        if self.downsample is None:
+            return convs[-1].conv_relu(y, residual=x)
+        identity, t = self.downsample[0].conv_nobias(x)  # its bias joins the last convolution's
+        return convs[-1].conv_relu(y, residual=identity, combine=lambda s: self._combined_bias(s, t))
 
 
 def _is_folded_block(block: nn.Module) -> bool:
@@ -363,5 +413,18 @@ def fuse_bias_act(module: nn.Module) -> int:
         if isinstance(conv, FoldedConv2d) and isinstance(bn, FoldedFrozenBatchNorm2d) and isinstance(relu, nn.ReLU):
             conv.fused_relu = True
             parent.relu = nn.Identity()
+            count += 1
+    return count
+
+
+def fuse_frozen_convs(module: nn.Module) -> int:
+    """Let every folded convolution of module whose weight is frozen (requires_grad False) run as one cuDNN call with
+    its bias, residual and ReLU when no gradient can flow through it (FoldedConv2d.forward_only): the fused stem and
+    the BiasActBlocks whose convolutions are all frozen. In place, after fuse_bias_act; returns the convolutions
+    marked. State-dict keys and values are unchanged."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, FoldedConv2d) and not m.weight.requires_grad:
+            m.frozen_fusion = True
             count += 1
     return count
