@@ -40,8 +40,9 @@ class ModelConfig:
     # folded ResNet trunk: each conv's bias, the ReLUs and the residual adds as fused bias_act calls (same parameters;
     # needs fold_bn, frozen_bn and a resnet backbone)
     fused_bias_act: bool = False
-    # with fused_bias_act: the frozen stem and blocks (forward only) as cuDNN's fused convolution + bias (+ residual)
-    # + ReLU on a GPU, one pass fewer over each of their activations (equal to rounding; needs fused_bias_act)
+    # with fused_bias_act, on a GPU: the trunk's convolutions through which no gradient flows (the frozen stem and
+    # layer1 in training, all in evaluation) as cuDNN's fused convolution + bias (+ residual) + ReLU, one pass fewer
+    # over each of their activations (equal to rounding; needs fused_bias_act)
     frozen_conv_fusion: bool = False
     # under autocast: the transformer's and heads' matrix weights cast in one kernel per forward and their gradients
     # in one per backward, instead of one per weight and use (bit-identical)

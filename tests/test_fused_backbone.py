@@ -277,8 +277,9 @@ def test_fuse_bias_act_needs_folded_resnet_config():
 
 
 def test_frozen_conv_fusion_marks_frozen_convolutions_and_leaves_the_cpu_path_alone():
-    """model.frozen_conv_fusion marks exactly the frozen folded convolutions (DETR's stem and layer1). On the CPU
-    the cuDNN path never runs: outputs and gradients are those of the model without the option, bit for bit."""
+    """model.frozen_conv_fusion marks the fused trunk's convolutions (the stem and every block's, downsamples
+    included); in training only the frozen ones (DETR's stem and layer1) need no gradient. On the CPU the cuDNN path
+    never runs: outputs and gradients are those of the model without the option, bit for bit."""
     for bad in ([], ["model.fused_bias_act=false"]):
         with pytest.raises(ConfigError, match="model.frozen_conv_fusion needs"):
             load_config(None, ["model.frozen_conv_fusion=true"] + bad)
@@ -289,10 +290,11 @@ def test_frozen_conv_fusion_marks_frozen_convolutions_and_leaves_the_cpu_path_al
     fused = build_detr(sets).double()
     _randomize_bn(plain, 6)
     fused.load_state_dict(plain.state_dict(), strict=True)
-    frozen = [n for n, m in fused.named_modules() if isinstance(m, FoldedConv2d) and not m.weight.requires_grad]
+    folded = [n for n, m in fused.named_modules() if isinstance(m, FoldedConv2d)]
     marked = [n for n, m in fused.named_modules() if getattr(m, "frozen_fusion", False)]
-    assert marked == frozen and len(marked) == 1 + 2 * 2  # resnet18: the stem and layer1's two blocks
-    assert all(".body.conv1" in n or ".body.layer1." in n for n in marked)
+    assert marked == folded and len(marked) == 1 + 8 * 2 + 3  # resnet18: the stem, 8 blocks, 3 downsamples
+    frozen = [n for n, m in fused.named_modules() if isinstance(m, FoldedConv2d) and not m.weight.requires_grad]
+    assert len(frozen) == 1 + 2 * 2 and all(".body.conv1" in n or ".body.layer1." in n for n in frozen)
     assert not any(getattr(m, "frozen_fusion", False) for m in plain.modules())
     assert fuse_frozen_convs(fused) == len(marked)  # marking twice is harmless
     x = torch.randn(2, 3, 67, 95, dtype=torch.float64)
@@ -316,7 +318,7 @@ def _frozen_fused_trunk(dtype, channels_last):
     """(bias_act trunk, the same with fuse_frozen_convs) on the GPU, and the plain trunk in float64 on the CPU."""
     plain, _, fused = _trunks("resnet50", torch.float32, channels_last)
     frozen = copy.deepcopy(fused)
-    assert fuse_frozen_convs(frozen) == 1 + 3 * 3 + 1  # the stem, layer1's three blocks and its downsample
+    assert fuse_frozen_convs(frozen) == 1 + 16 * 3 + 4  # the stem, 16 blocks, 4 downsamples
     return fused.cuda(), frozen.cuda(), plain.double()
 
 
@@ -372,6 +374,16 @@ def test_frozen_conv_fusion_on_gpu(amp, monkeypatch):
         assert g_f.keys() == g_b.keys() == g_ref.keys() and not any(n.startswith(("conv1", "layer1")) for n in g_f)
         for n in g_ref:
             assert err(g_f[n], g_ref[n]) <= 2 * err(g_b[n], g_ref[n]) + 1e-7, n
+        # evaluation: every block needs no gradient, so all of them take the cuDNN path
+        before = dict(calls)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16"):
+            xx = x.cuda()
+            if channels_last:
+                xx = xx.contiguous(memory_format=torch.channels_last)
+            out_e, out_eb = frozen(xx)["0"], fused(xx)["0"]
+        assert calls["relu"] - before["relu"] == 1 + 16 * 2 and calls["add_relu"] - before["add_relu"] == 16
+        with torch.no_grad():
+            ref_e = ref(x.double())["0"]
+        assert err(out_e.double().cpu(), ref_e) <= 2 * err(out_eb.double().cpu(), ref_e) + 1e-7
         if channels_last:
-            assert frozen(x.cuda().contiguous(memory_format=torch.channels_last))["0"].is_contiguous(
-                memory_format=torch.channels_last)
+            assert out_e.is_contiguous(memory_format=torch.channels_last)

@@ -24,13 +24,14 @@ full pass over the activation. The fused blocks run each convolution without bia
 in one detr_fast.ops.bias_act call.
 
 fuse_frozen_convs (model.frozen_conv_fusion, after fuse_bias_act) goes further still where no gradient is needed:
-the frozen stem and the frozen blocks (DETR freezes the stem and layer1) run forward only, so on a GPU their
-convolution, bias, residual add and ReLU can be one cuDNN call (torch.cudnn_convolution_relu and
-cudnn_convolution_add_relu, operators without a backward). The activation is then written once, by the
-convolution, instead of written by it and read and written again by bias_act. cuDNN adds the bias to the fp32
-accumulator before the one rounding to the activation's dtype, where the unfused path rounds the convolution's
-output first: the results agree to that rounding. Anywhere a gradient could be needed (a trainable weight, an input
-that requires grad), on the CPU and while torch.compile traces, the bias_act path runs.
+the frozen stem and the frozen blocks (DETR freezes the stem and layer1) run forward only in training, and every
+block does under torch.no_grad (evaluation), so on a GPU their convolution, bias, residual add and ReLU can be one
+cuDNN call (torch.cudnn_convolution_relu and cudnn_convolution_add_relu, operators without a backward). The
+activation is then written once, by the convolution, instead of written by it and read and written again by
+bias_act. cuDNN adds the bias to the fp32 accumulator before the one rounding to the activation's dtype, where the
+unfused path rounds the convolution's output first: the results agree to that rounding. Anywhere a gradient could
+be needed (a trainable weight, an input that requires grad), on the CPU and while torch.compile traces, the
+bias_act path runs.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class FoldedConv2d(nn.Module):
         self.weight = conv.weight
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.fused_relu = False
-        self.frozen_fusion = False  # set by fuse_frozen_convs: cuDNN's fused conv + bias (+ residual) + ReLU
+        self.frozen_fusion = False  # set by fuse_frozen_convs: cuDNN's fused conv + bias (+ residual) + ReLU when
+        # no gradient flows through the call
         object.__setattr__(self, "_bn", bn)  # not a submodule: its buffers stay under the BN's own name
         self._cache: dict = {}  # name -> (key, value, pinned storages); not a buffer: the state dict is unchanged
         # (folded weight or None, scale [C, 1, 1, 1], shift, shift in the operand dtype or None): lent by TrunkFold
@@ -418,13 +420,17 @@ def fuse_bias_act(module: nn.Module) -> int:
 
 
 def fuse_frozen_convs(module: nn.Module) -> int:
-    """Let every folded convolution of module whose weight is frozen (requires_grad False) run as one cuDNN call with
-    its bias, residual and ReLU when no gradient can flow through it (FoldedConv2d.forward_only): the fused stem and
-    the BiasActBlocks whose convolutions are all frozen. In place, after fuse_bias_act; returns the convolutions
-    marked. State-dict keys and values are unchanged."""
-    count = 0
+    """Let the fused stem and every BiasActBlock of module run as cuDNN calls of convolution + bias (+ residual) +
+    ReLU whenever no gradient can flow through them (FoldedConv2d.forward_only: frozen weights and an input that
+    needs no gradient, or torch.no_grad). In place, after fuse_bias_act; returns the convolutions marked.
+    State-dict keys and values are unchanged."""
+    convs = []
     for m in module.modules():
-        if isinstance(m, FoldedConv2d) and not m.weight.requires_grad:
-            m.frozen_fusion = True
-            count += 1
-    return count
+        if isinstance(m, FoldedConv2d) and m.fused_relu:
+            convs.append(m)
+        elif isinstance(m, BiasActBlock):
+            convs += [getattr(m, f"conv{i}") for i in range(1, m.n_convs + 1)]
+            convs += [m.downsample[0]] if m.downsample is not None else []
+    for c in convs:
+        c.frozen_fusion = True
+    return len(convs)
