@@ -18,8 +18,8 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_ffn      the fast path with model.fused_ffn (the FFN's ReLU + dropout as one relu_dropout pass)
   fast_fused    the fast path with all five: model.fused_norm, fused_bias_act, flat_cast, packed_proj, fused_ffn
   fast_tuned    fast_fused with cuDNN autotuning (torch.backends.cudnn.benchmark; the batch shape repeats)
-  fast_frozen   fast_fused with model.frozen_conv_fusion (the frozen stem and layer1 as cuDNN's fused convolution +
-                bias (+ residual) + ReLU; a GPU only, elsewhere it is fast_fused)
+  fast_cudnn    fast_fused with model.conv_fusion (each trunk convolution with its bias (+ residual) + ReLU as one
+                cuDNN call; on a GPU only, elsewhere it is fast_fused)
   fast_all      the best combination: fast_tuned captured as one CUDA graph (a GPU only)
 cuDNN autotuning is off in every other variant, as in the public reference.
 The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
@@ -84,8 +84,8 @@ VARIANTS = {
                        compile=False, **FUSIONS),
     "fast_tuned": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                        compile=False, **FUSIONS, cudnn_benchmark=True),
-    "fast_frozen": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
-                        compile=False, **FUSIONS, frozen_conv_fusion=True),
+    "fast_cudnn": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
+                       compile=False, **FUSIONS, conv_fusion=True),
     "fast_all": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                      compile=False, **FUSIONS, cudnn_benchmark=True, graph=True),
 }
@@ -198,7 +198,7 @@ def build(cfg_overrides, variant, device):
     sets = list(cfg_overrides) + [f"model.kernels={v['kernels']}", f"model.attention={v['attention']}",
                                   f"model.fold_bn={str(v['fold_bn']).lower()}",
                                   f"model.channels_last={str(v['channels_last']).lower()}"]
-    for key in list(FUSIONS) + ["frozen_conv_fusion"]:
+    for key in list(FUSIONS) + ["conv_fusion"]:
         if key in v:
             sets.append(f"model.{key}={str(v[key]).lower()}")
     cfg = load_config(None, sets)
@@ -349,7 +349,7 @@ def main(argv=None):
     ap.add_argument("--backbone", default=None, help="resnet18 / resnet50 (default: resnet18 with --small)")
     ap.add_argument("--size", default=None, help="largest image HxW (default 256x320 with --small, else 800x1333)")
     ap.add_argument("--variants", default="ref_tf32,fast,fast_graph,fast_norm,fast_bias,fast_cast,fast_proj,fast_ffn,"
-                                          "fast_fused,fast_tuned,fast_frozen,fast_all,ref_fp32,ref_compile,"
+                                          "fast_fused,fast_tuned,fast_cudnn,fast_all,ref_fp32,ref_compile,"
                                           "fast_compile")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)

@@ -46,14 +46,14 @@ case "${PROFILE:-all}" in
   second)
     DEFAULT_STAGES="build bench_step validate tests bench_ops bench_assignment bench_attention charts"
     # fast_all against ref_compile in one run, then each fusion on its own against fast
-    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast_frozen,fast_fused,fast
+    DEFAULT_VARIANTS=ref_compile,fast_all,fast_compile,fast_cudnn,fast_fused,fast
     DEFAULT_VARIANTS+=,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32
     DEFAULT_MIXED=0 DEFAULT_MIXED_VARIANTS=
     DEFAULT_DEADLINE=470 ;;
   all)
     DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_frozen,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_cudnn,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast,fast_all
     DEFAULT_DEADLINE=0 ;;
   *) echo "PROFILE must be first, second or all"; exit 2 ;;

@@ -40,10 +40,9 @@ class ModelConfig:
     # folded ResNet trunk: each conv's bias, the ReLUs and the residual adds as fused bias_act calls (same parameters;
     # needs fold_bn, frozen_bn and a resnet backbone)
     fused_bias_act: bool = False
-    # with fused_bias_act, on a GPU: the trunk's convolutions through which no gradient flows (the frozen stem and
-    # layer1 in training, all in evaluation) as cuDNN's fused convolution + bias (+ residual) + ReLU, one pass fewer
-    # over each of their activations (equal to rounding; needs fused_bias_act)
-    frozen_conv_fusion: bool = False
+    # with fused_bias_act, on a GPU: each trunk convolution with its bias (+ residual) + ReLU as one cuDNN call, one
+    # pass fewer over each activation (equal to rounding; a backward of our own where gradients flow)
+    conv_fusion: bool = False
     # under autocast: the transformer's and heads' matrix weights cast in one kernel per forward and their gradients
     # in one per backward, instead of one per weight and use (bit-identical)
     flat_cast: bool = False
@@ -224,9 +223,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.fused_bias_act needs model.fold_bn=true, model.frozen_bn=true and a resnet backbone "
                           f"(it fuses the folded FrozenBatchNorm's bias into the ResNet blocks); got fold_bn="
                           f"{str(m.fold_bn).lower()}, frozen_bn={str(m.frozen_bn).lower()}, backbone={m.backbone}")
-    if m.frozen_conv_fusion and not m.fused_bias_act:
-        raise ConfigError("model.frozen_conv_fusion needs model.fused_bias_act=true (it runs the fused blocks' frozen "
-                          "convolutions through cuDNN)")
+    if m.conv_fusion and not m.fused_bias_act:
+        raise ConfigError("model.conv_fusion needs model.fused_bias_act=true (it runs the fused blocks' convolutions "
+                          "through cuDNN)")
     if cfg.train.cuda_graph:
         if cfg.train.amp == "fp16":
             raise ConfigError("train.cuda_graph does not work with amp fp16 (its GradScaler reads the device); use "

@@ -12,7 +12,7 @@ from detr_fast.config import ConfigError, load_config
 from detr_fast.criterion import build_criterion
 from detr_fast.models import build_detr
 from detr_fast.models.backbone import Backbone
-from detr_fast.models.fold import BiasActBlock, FoldedConv2d, fold_frozen_bn, fuse_bias_act, fuse_frozen_convs
+from detr_fast.models.fold import BiasActBlock, FoldedConv2d, fold_frozen_bn, fuse_bias_act, fuse_conv_relu
 
 pytestmark = pytest.mark.filterwarnings("ignore:detr_fast.ops.bias_act")
 
@@ -276,31 +276,25 @@ def test_fuse_bias_act_needs_folded_resnet_config():
     assert fuse_bias_act(body) == 0  # already fused
 
 
-def test_frozen_conv_fusion_marks_frozen_convolutions_and_leaves_the_cpu_path_alone():
-    """model.frozen_conv_fusion marks the fused trunk's convolutions (the stem and every block's, downsamples
-    included); in training only the frozen ones (DETR's stem and layer1) need no gradient. On the CPU the cuDNN path
-    never runs: outputs and gradients are those of the model without the option, bit for bit."""
+def test_conv_fusion_marks_the_trunk_and_leaves_the_cpu_path_alone():
+    """model.conv_fusion marks the fused stem and every block's convolutions; on the CPU the cuDNN path never runs:
+    outputs and gradients are those of the model without the option, bit for bit."""
     for bad in ([], ["model.fused_bias_act=false"]):
-        with pytest.raises(ConfigError, match="model.frozen_conv_fusion needs"):
-            load_config(None, ["model.frozen_conv_fusion=true"] + bad)
+        with pytest.raises(ConfigError, match="model.conv_fusion needs"):
+            load_config(None, ["model.conv_fusion=true"] + bad)
     torch.manual_seed(0)
     plain = build_detr(_small_detr(True)).double()
     sets = _small_detr(True)
-    sets.model.frozen_conv_fusion = True
+    sets.model.conv_fusion = True
     fused = build_detr(sets).double()
     _randomize_bn(plain, 6)
     fused.load_state_dict(plain.state_dict(), strict=True)
-    folded = [n for n, m in fused.named_modules() if isinstance(m, FoldedConv2d)]
-    marked = [n for n, m in fused.named_modules() if getattr(m, "frozen_fusion", False)]
-    assert marked == folded and len(marked) == 1 + 8 * 2 + 3  # resnet18: the stem, 8 blocks, 3 downsamples
-    frozen = [n for n, m in fused.named_modules() if isinstance(m, FoldedConv2d) and not m.weight.requires_grad]
-    assert len(frozen) == 1 + 2 * 2 and all(".body.conv1" in n or ".body.layer1." in n for n in frozen)
-    assert not any(getattr(m, "frozen_fusion", False) for m in plain.modules())
-    assert fuse_frozen_convs(fused) == len(marked)  # marking twice is harmless
+    marked = [n for n, m in fused.named_modules() if getattr(m, "cudnn_fusion", False)]
+    assert len(marked) == 1 + 8 * 2 and not any("downsample" in n for n in marked)  # resnet18: the stem, 8 blocks
+    assert not any(getattr(m, "cudnn_fusion", False) for m in plain.modules())
+    assert fuse_conv_relu(fused) == len(marked)  # marking twice is harmless
     x = torch.randn(2, 3, 67, 95, dtype=torch.float64)
-    assert not fused.backbone[0].body.conv1.forward_only(x)  # a CPU tensor
-    with torch.no_grad():
-        assert not fused.backbone[0].body.conv1.forward_only(x)
+    assert not fused.backbone[0].body.conv1.uses_cudnn(x)  # a CPU tensor
     crit = build_criterion(_small_detr(False))
     mask = torch.zeros(2, 67, 95, dtype=torch.bool)
     res = []
@@ -314,20 +308,139 @@ def test_frozen_conv_fusion_marks_frozen_convolutions_and_leaves_the_cpu_path_al
     assert all(torch.equal(ga[n], gb[n]) for n in ga)
 
 
-def _frozen_fused_trunk(dtype, channels_last):
-    """(bias_act trunk, the same with fuse_frozen_convs) on the GPU, and the plain trunk in float64 on the CPU."""
-    plain, _, fused = _trunks("resnet50", torch.float32, channels_last)
-    frozen = copy.deepcopy(fused)
-    assert fuse_frozen_convs(frozen) == 1 + 16 * 3 + 4  # the stem, 16 blocks, 4 downsamples
-    return fused.cuda(), frozen.cuda(), plain.double()
+def _reference_forward(calls):
+    """A stand-in for cuDNN's fused operators (the CPU has none): relu(conv2d(x, w, b) + residual), counting calls."""
+    def forward(x, weight, bias, residual, stride, padding, dilation, groups):
+        calls.append(residual is not None)
+        y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return torch.relu(y + residual if residual is not None else y)
+    return forward
+
+
+@pytest.mark.parametrize("stride,residual,channels_last", [(1, False, False), (2, True, False), (1, True, True),
+                                                           (2, False, True)])
+def test_conv_bias_relu_backward_gradcheck(monkeypatch, stride, residual, channels_last):
+    """The backward the fused operators are given (_ConvBiasReLU), in float64 against numerical derivatives, with
+    the forward stood in for by the plain math it fuses; every subset of inputs that needs a gradient."""
+    from detr_fast.models import fold
+
+    calls = []
+    monkeypatch.setattr(fold, "_cudnn_forward", _reference_forward(calls))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 5, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(4, generator=g, dtype=torch.float64)
+    out_hw = ((5 + 2 - 3) // stride + 1, (7 + 2 - 3) // stride + 1)
+    r = torch.randn(2, 4, *out_hw, generator=g, dtype=torch.float64) if residual else None
+    if channels_last:
+        x, r = x.contiguous(memory_format=torch.channels_last), r.contiguous(
+            memory_format=torch.channels_last) if r is not None else None
+    for needs in [(True, True, True, True), (False, True, False, False), (True, False, False, True)]:
+        args = [t.detach().clone().requires_grad_(n) if t is not None else None for t, n in zip((x, w, b, r), needs)]
+        assert torch.autograd.gradcheck(
+            lambda *a: fold._ConvBiasReLU.apply(*a, (stride, stride), (1, 1), (1, 1), 1), tuple(args))
+    assert calls and all(c == residual for c in calls)
+
+
+def test_conv_fusion_trunk_equals_bias_act_trunk(monkeypatch):
+    """The whole control flow of model.conv_fusion on the CPU, the cuDNN operators stood in for by the plain math:
+    the stem and layer1 (frozen, and with an input that needs no gradient) call them directly, the trainable blocks
+    through _ConvBiasReLU, a downsample's bias joined to the block's last convolution. Output, input gradient and
+    every trainable gradient equal those of the bias_act trunk in float64."""
+    from detr_fast.models import fold
+
+    calls = []
+    monkeypatch.setattr(fold, "_cudnn_forward", _reference_forward(calls))
+    monkeypatch.setattr(FoldedConv2d, "uses_cudnn", lambda self, x: self.cudnn_fusion)
+    applied = []
+    real_apply = fold._ConvBiasReLU.apply
+    monkeypatch.setattr(fold._ConvBiasReLU, "apply", lambda *a: applied.append(1) or real_apply(*a))
+    plain, _, fused = _trunks("resnet50", torch.float64)
+    conv = copy.deepcopy(fused)
+    assert fuse_conv_relu(conv) == 1 + 16 * 3
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 67, 95, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        r = torch.randn(fused(x)["0"].shape, generator=g, dtype=torch.float64)
+    results = []
+    for net in (fused, conv):
+        calls.clear()
+        applied.clear()
+        xx = x.clone().requires_grad_(False)
+        out = net(xx)["0"]
+        (out * r).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in net.named_parameters() if p.grad is not None},
+                        len(calls), len(applied)))
+    (out_b, g_b, n_b, a_b), (out_c, g_c, n_c, a_c) = results
+    assert (n_b, a_b) == (0, 0)
+    assert n_c == 1 + 16 * 3 and a_c == 13 * 3  # every convolution fused; layers 2-4 (13 blocks) with a backward
+    torch.testing.assert_close(out_c, out_b, rtol=1e-10, atol=1e-12)
+    assert g_c.keys() == g_b.keys() and len(g_b) > 0
+    for n in g_b:
+        torch.testing.assert_close(g_c[n], g_b[n], rtol=1e-9, atol=1e-12 * g_b[n].abs().max(), msg=n)
+    with torch.no_grad():  # evaluation: no call needs a backward
+        applied.clear()
+        torch.testing.assert_close(conv(x)["0"], out_b, rtol=1e-10, atol=1e-12)
+        assert not applied
 
 
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("amp", ["fp32", "bf16"])
-def test_frozen_conv_fusion_on_gpu(amp, monkeypatch):
-    """On a GPU the frozen stem and layer1 run as cuDNN's fused convolution + bias (+ residual) + ReLU: the stem and
+def test_conv_bias_relu_on_gpu(amp, monkeypatch):
+    """cuDNN's fused operators with the backward of _ConvBiasReLU on the GPU: output and the gradients of x, weight
+    and residual against float64 on the CPU err at most twice what the unfused math errs in the same precision."""
+    from detr_fast.models import fold
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    dtype = torch.float32 if amp == "fp32" else torch.bfloat16
+    g = torch.Generator().manual_seed(13)
+    for residual, stride, channels_last in [(True, 1, True), (False, 2, True), (True, 2, False)]:
+        x = torch.randn(2, 64, 29, 37, generator=g)
+        w = torch.randn(128, 64, 3, 3, generator=g) / 24
+        b = torch.randn(128, generator=g) * 0.1
+        out_hw = ((29 - 1) // stride + 1, (37 - 1) // stride + 1)
+        r = torch.randn(2, 128, *out_hw, generator=g) if residual else None
+        go = torch.randn(2, 128, *out_hw, generator=g)
+
+        def run(fn, device, dt):
+            ts = [t.to(device, dt) if t is not None else None for t in (x, w, b, r)]
+            if channels_last:
+                ts = [t.contiguous(memory_format=torch.channels_last) if t is not None and t.dim() == 4 else t
+                      for t in ts]
+            ts = [t.requires_grad_(True) if t is not None else None for t in ts]
+            out = fn(*ts)
+            out.backward(go.to(device, dt))
+            return [out.detach().double().cpu()] + [t.grad.double().cpu() for t in ts if t is not None]
+
+        def plain(x_, w_, b_, r_):
+            y = torch.nn.functional.conv2d(x_, w_, b_, stride, 1)
+            return torch.relu(y + r_ if r_ is not None else y)
+
+        def fused(x_, w_, b_, r_):
+            return fold._ConvBiasReLU.apply(x_, w_, b_, r_, (stride, stride), (1, 1), (1, 1), 1)
+
+        ref = run(plain, "cpu", torch.float64)
+        low = run(plain, "cuda", dtype)
+        got = run(fused, "cuda", dtype)
+        for name, a, l, e in zip(("out", "x", "w", "b", "r"), got, low, ref):
+            err = float((a - e).norm() / e.norm())
+            assert err <= 2 * float((l - e).norm() / e.norm()) + 1e-7, (name, residual, stride, channels_last)
+
+
+def _conv_fused_trunk(channels_last):
+    """(bias_act trunk, the same with fuse_conv_relu) on the GPU, and the plain trunk in float64 on the CPU."""
+    plain, _, fused = _trunks("resnet50", torch.float32, channels_last)
+    conv = copy.deepcopy(fused)
+    assert fuse_conv_relu(conv) == 1 + 16 * 3  # the stem and 16 blocks
+    return fused.cuda(), conv.cuda(), plain.double()
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("amp", ["fp32", "bf16"])
+def test_conv_fusion_trunk_on_gpu(amp, monkeypatch):
+    """On a GPU every trunk convolution runs as cuDNN's fused convolution + bias (+ residual) + ReLU: the stem and
     each block's inner convolutions through cudnn_convolution_relu, each block's last through
-    cudnn_convolution_add_relu; in evaluation every block. The trunk's output, against the float64 plain trunk,
+    cudnn_convolution_add_relu, in training and in evaluation. The trunk's output, against the float64 plain trunk,
     errs at most twice what the bias_act path errs (fp32 with TF32 off; bf16 autocast)."""
     calls = {"relu": 0, "add_relu": 0}
     relu, add_relu = torch.cudnn_convolution_relu, torch.cudnn_convolution_add_relu
@@ -342,8 +455,12 @@ def test_frozen_conv_fusion_on_gpu(amp, monkeypatch):
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", count("add_relu", add_relu))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    def err(a, b):
+        return float((a - b).norm() / b.norm())
+
     for channels_last in (False, True):
-        fused, frozen, ref = _frozen_fused_trunk(torch.float32, channels_last)
+        fused, conv, ref = _conv_fused_trunk(channels_last)
         g = torch.Generator().manual_seed(7)
         x = torch.randn(2, 3, 97, 131, generator=g)
         with torch.no_grad():
@@ -364,26 +481,20 @@ def test_frozen_conv_fusion_on_gpu(amp, monkeypatch):
         before = dict(calls)
         out_b, g_b = run(fused, "cuda", torch.float32)
         assert calls == before  # the bias_act trunk never takes the cuDNN path
-        out_f, g_f = run(frozen, "cuda", torch.float32)
-        assert calls["relu"] - before["relu"] == 1 + 3 * 2 and calls["add_relu"] - before["add_relu"] == 3
-
-        def err(a, b):
-            return float((a - b).norm() / b.norm())
-
-        assert err(out_f, out_ref) <= 2 * err(out_b, out_ref) + 1e-7, (err(out_f, out_ref), err(out_b, out_ref))
-        # no gradient flows through the fused operators: the trainable layers get theirs as before. Their values
-        # are not compared here: in float32 and bf16 a rounding difference in layer1's output can move a ReLU input
-        # of the trainable layers across zero, which reroutes whole weight gradients (test_fused_trunk_matches_unfused
-        # explains and checks the gradients of the trunk itself)
-        assert g_f.keys() == g_b.keys() == g_ref.keys() and not any(n.startswith(("conv1", "layer1")) for n in g_f)
-        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in g_f.values())
-        # evaluation: every block needs no gradient, so all of them take the cuDNN path
+        out_c, g_c = run(conv, "cuda", torch.float32)
+        assert calls["relu"] - before["relu"] == 1 + 16 * 2 and calls["add_relu"] - before["add_relu"] == 16
+        assert err(out_c, out_ref) <= 2 * err(out_b, out_ref) + 1e-7, (err(out_c, out_ref), err(out_b, out_ref))
+        # the gradients' values are checked layer by layer (test_conv_bias_relu_on_gpu) and for the whole trunk in
+        # float64 (test_conv_fusion_trunk_equals_bias_act_trunk): in float32 and bf16 a rounding difference can move
+        # a ReLU input of resnet50 across zero and reroute whole weight gradients (test_fused_trunk_matches_unfused)
+        assert g_c.keys() == g_b.keys() == g_ref.keys() and not any(n.startswith(("conv1", "layer1")) for n in g_c)
+        assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in g_c.values())
         before = dict(calls)
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp == "bf16"):
             xx = x.cuda()
             if channels_last:
                 xx = xx.contiguous(memory_format=torch.channels_last)
-            out_e, out_eb = frozen(xx)["0"], fused(xx)["0"]
+            out_e, out_eb = conv(xx)["0"], fused(xx)["0"]
         assert calls["relu"] - before["relu"] == 1 + 16 * 2 and calls["add_relu"] - before["add_relu"] == 16
         with torch.no_grad():
             ref_e = ref(x.double())["0"]

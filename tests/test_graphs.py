@@ -25,7 +25,7 @@ def test_graphed_step_needs_cuda_inputs():
 @pytest.mark.parametrize("amp,extra", [("none", ()), ("bf16", ()),
                                        ("bf16", ("model.flat_cast=true", "model.packed_proj=true",
                                                  "model.fused_norm=true", "model.fused_bias_act=true",
-                                                 "model.fused_ffn=true", "model.frozen_conv_fusion=true"))],
+                                                 "model.fused_ffn=true", "model.conv_fusion=true"))],
                          ids=["none", "bf16", "bf16_fused"])
 def test_graphed_step_equals_eager_steps(amp, extra):
     """Same initial weights, the same 3 warm-up steps, then 3 more steps eagerly and as graph replays on new batches

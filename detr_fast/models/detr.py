@@ -9,7 +9,7 @@ from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import cast_targets, flat_cast
-from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_frozen_convs
+from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
 
@@ -90,8 +90,8 @@ def build_detr(cfg) -> DETR:
         fold_frozen_bn(backbone)
         if m.fused_bias_act:
             fuse_bias_act(backbone)
-            if m.frozen_conv_fusion:
-                fuse_frozen_convs(backbone)
+            if m.conv_fusion:
+                fuse_conv_relu(backbone)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
                               attn_impl=m.attention, fused_norm=m.fused_norm, packed_proj=m.packed_proj,

@@ -23,15 +23,15 @@ its own under eager PyTorch, then the ReLU, and at a residual block's end the re
 full pass over the activation. The fused blocks run each convolution without bias and apply bias, residual and ReLU
 in one detr_fast.ops.bias_act call.
 
-fuse_frozen_convs (model.frozen_conv_fusion, after fuse_bias_act) goes further still where no gradient is needed:
-the frozen stem and the frozen blocks (DETR freezes the stem and layer1) run forward only in training, and every
-block does under torch.no_grad (evaluation), so on a GPU their convolution, bias, residual add and ReLU can be one
-cuDNN call (torch.cudnn_convolution_relu and cudnn_convolution_add_relu, operators without a backward). The
-activation is then written once, by the convolution, instead of written by it and read and written again by
-bias_act. cuDNN adds the bias to the fp32 accumulator before the one rounding to the activation's dtype, where the
-unfused path rounds the convolution's output first: the results agree to that rounding. Anywhere a gradient could
-be needed (a trainable weight, an input that requires grad), on the CPU and while torch.compile traces, the
-bias_act path runs.
+fuse_conv_relu (model.conv_fusion, after fuse_bias_act) goes further still on a GPU: each fused block's
+convolution, bias, residual add and ReLU (and the stem's) become one cuDNN call, torch.cudnn_convolution_relu or
+cudnn_convolution_add_relu. The activation is then written once, by the convolution, instead of written by it and
+read and written again by bias_act. cuDNN adds the bias to the fp32 accumulator before the one rounding to the
+activation's dtype, where the unfused path rounds the convolution's output first: the results agree to that
+rounding. The two operators have no backward: where no gradient flows (DETR's frozen stem and layer1 in training,
+everything under torch.no_grad) they are called as they are; elsewhere _ConvBiasReLU gives them one (the ReLU's mask
+from the saved output, then the convolution's own backward: what autograd runs for the unfused path). On the CPU
+and while torch.compile traces, the bias_act path runs.
 """
 from __future__ import annotations
 
@@ -107,8 +107,7 @@ class FoldedConv2d(nn.Module):
         self.weight = conv.weight
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.fused_relu = False
-        self.frozen_fusion = False  # set by fuse_frozen_convs: cuDNN's fused conv + bias (+ residual) + ReLU when
-        # no gradient flows through the call
+        self.cudnn_fusion = False  # set by fuse_conv_relu: cuDNN's fused conv + bias (+ residual) + ReLU on a GPU
         object.__setattr__(self, "_bn", bn)  # not a submodule: its buffers stay under the BN's own name
         self._cache: dict = {}  # name -> (key, value, pinned storages); not a buffer: the state dict is unchanged
         # (folded weight or None, scale [C, 1, 1, 1], shift, shift in the operand dtype or None): lent by TrunkFold
@@ -169,34 +168,29 @@ class FoldedConv2d(nn.Module):
         weight, shift = self._folded(x, cast_shift=False)
         return self._conv(x, weight, None), shift
 
-    def forward_only(self, x: torch.Tensor) -> bool:
-        """Whether this call may take cuDNN's fused path (fuse_frozen_convs): no gradient can flow through it."""
-        if not self.frozen_fusion or not x.is_cuda or torch.compiler.is_compiling():
-            return False
-        if not torch.is_grad_enabled():
-            return True
-        bn = self._bn
-        return not any(t.requires_grad for t in (x, self.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var))
+    def uses_cudnn(self, x: torch.Tensor) -> bool:
+        """Whether this call takes cuDNN's fused path (fuse_conv_relu): a CUDA input, outside torch.compile."""
+        return self.cudnn_fusion and x.is_cuda and not torch.compiler.is_compiling()
 
     def conv_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                   combine: Callable | None = None) -> torch.Tensor:
         """relu(conv(x, W * s) + t (+ residual)) as one cuDNN call, in autocast's dtype for x (callers check
-        forward_only first); combine(t) -> the bias to add instead of t (a downsample's bias joined to it)."""
+        uses_cudnn first); combine(t) -> the bias to add instead of t (a downsample's bias joined to it)."""
         dtype = autocast_dtype(x, self.weight)
         weight, shift = self._folded(x, cast_shift=combine is None)
         if combine is not None:
             shift = combine(shift)
         # each a no-op where the tensor already has the dtype (the cached folded weight and cast shift do)
         x, weight, shift = x.to(dtype), weight.to(dtype), shift.to(dtype)
-        if residual is None:
-            return torch.cudnn_convolution_relu(x, weight, shift, self.stride, self.padding, self.dilation,
-                                                self.groups)
-        return torch.cudnn_convolution_add_relu(x, weight, residual.to(dtype), 1.0, shift, self.stride, self.padding,
-                                                self.dilation, self.groups)
+        residual = residual.to(dtype) if residual is not None else None
+        conv = (self.stride, self.padding, self.dilation, self.groups)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, shift, residual)):
+            return _ConvBiasReLU.apply(x, weight, shift, residual, *conv)
+        return _cudnn_forward(x, weight, shift, residual, *conv)
 
     def forward(self, x):
         if self.fused_relu:
-            if self.forward_only(x):
+            if self.uses_cudnn(x):
                 return self.conv_relu(x)
             y, shift = self.conv_nobias(x)
             return bias_act(y, shift, relu=True)
@@ -205,7 +199,7 @@ class FoldedConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, stride={self.stride}" + (
-            ", fused_relu=True" if self.fused_relu else "") + (", frozen_fusion=True" if self.frozen_fusion else "")
+            ", fused_relu=True" if self.fused_relu else "") + (", cudnn_fusion=True" if self.cudnn_fusion else "")
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -365,8 +359,8 @@ class BiasActBlock(nn.Module):
 
     def forward(self, x):
         convs = [getattr(self, f"conv{i}") for i in range(1, self.n_convs + 1)]
-        if all(c.forward_only(x) for c in convs) and (self.downsample is None or self.downsample[0].forward_only(x)):
-            return self._forward_cudnn(x, convs)  # a frozen block (fuse_frozen_convs): no gradient flows here
+        if all(c.uses_cudnn(x) for c in convs):  # fuse_conv_relu, on a GPU
+            return self._forward_cudnn(x, convs)
         y = x
         for i in range(1, self.n_convs):
             y, s = getattr(self, f"conv{i}").conv_nobias(y)
@@ -419,18 +413,48 @@ def fuse_bias_act(module: nn.Module) -> int:
     return count
 
 
-def fuse_frozen_convs(module: nn.Module) -> int:
-    """Let the fused stem and every BiasActBlock of module run as cuDNN calls of convolution + bias (+ residual) +
-    ReLU whenever no gradient can flow through them (FoldedConv2d.forward_only: frozen weights and an input that
-    needs no gradient, or torch.no_grad). In place, after fuse_bias_act; returns the convolutions marked.
-    State-dict keys and values are unchanged."""
+def fuse_conv_relu(module: nn.Module) -> int:
+    """Let the fused stem and every BiasActBlock of module run, on a GPU, as cuDNN calls of convolution + bias
+    (+ residual) + ReLU (see the module's docstring). In place, after fuse_bias_act; returns the convolutions
+    marked. State-dict keys and values are unchanged."""
     convs = []
     for m in module.modules():
         if isinstance(m, FoldedConv2d) and m.fused_relu:
             convs.append(m)
         elif isinstance(m, BiasActBlock):
             convs += [getattr(m, f"conv{i}") for i in range(1, m.n_convs + 1)]
-            convs += [m.downsample[0]] if m.downsample is not None else []
     for c in convs:
-        c.frozen_fusion = True
+        c.cudnn_fusion = True
     return len(convs)
+
+
+def _cudnn_forward(x, weight, bias, residual, stride, padding, dilation, groups):
+    """relu(conv2d(x, weight, bias) + residual) by cuDNN's fused operators (no backward of their own)."""
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, padding, dilation, groups)
+
+
+class _ConvBiasReLU(torch.autograd.Function):
+    """out = relu(conv2d(x, weight, bias) + residual) forward by _cudnn_forward; backward: g * (out > 0), then the
+    convolution's backward for x and weight, the channel sums for the bias, g * (out > 0) itself for the residual."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
+        out = _cudnn_forward(x, weight, bias, residual, stride, padding, dilation, groups)
+        ctx.save_for_backward(x, weight, out)
+        ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        g = torch.ops.aten.threshold_backward(grad, out, 0)
+        gx = gw = None
+        if need_x or need_w:
+            gx, gw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, stride, padding, dilation, False,
+                                                            [0] * len(stride), groups, [need_x, need_w, False])
+        gb = g.sum((0, 2, 3)) if need_b else None
+        return gx, gw, gb, g if need_r else None, None, None, None, None
