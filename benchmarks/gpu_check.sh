@@ -39,7 +39,7 @@ case "${PROFILE:-all}" in
     # the decisive variants first (the stage's time limit keeps what finished): reference, plain, all fused, graphs,
     # and last the compiled reference (the second target), whose compile time is the least certain; the
     # one-option variants are in the second profile
-    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_graph,ref_compile
+    DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_cudnn,fast_graph,ref_compile
     # and training throughput over batches of different shapes (the graph variant pads them to fixed sizes)
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast,fast_all
     DEFAULT_DEADLINE=470 ;;
