@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -192,7 +193,9 @@ def step_roofline(variant: str, batch: int, height: int, width: int, backbone: s
     capturing = fold._capturing
     fold._capturing = lambda *a: False  # eager steps (the capture path asks the CUDA runtime)
     try:
-        with mode:
+        # the folded-BatchNorm caches key on data_ptr, which fake tensors answer with a deprecation warning
+        with warnings.catch_warnings(), mode:
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             f_images, f_mask = mode.from_tensor(images), mode.from_tensor(mask)
             f_targets = {k: mode.from_tensor(t) for k, t in targets.items()}
             step = bench_step.make_step(model, crit, cfg, v["amp"], "cpu", fused_opt=v["kernels"] == "fused")
