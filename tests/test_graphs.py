@@ -21,12 +21,14 @@ def test_graphed_step_needs_cuda_inputs():
         GraphedStep(lambda x: x * 2, (torch.ones(3),))
 
 
+FUSED = ("model.flat_cast=true", "model.packed_proj=true", "model.fused_norm=true", "model.fused_bias_act=true",
+         "model.fused_ffn=true")
+
+
 @pytest.mark.needs_cuda
-@pytest.mark.parametrize("amp,extra", [("none", ()), ("bf16", ()),
-                                       ("bf16", ("model.flat_cast=true", "model.packed_proj=true",
-                                                 "model.fused_norm=true", "model.fused_bias_act=true",
-                                                 "model.fused_ffn=true", "model.conv_fusion=true"))],
-                         ids=["none", "bf16", "bf16_fused"])
+@pytest.mark.parametrize("amp,extra", [("none", ()), ("bf16", ()), ("bf16", FUSED),
+                                       ("bf16", FUSED + ("model.conv_fusion=true",))],
+                         ids=["none", "bf16", "bf16_fused", "bf16_fused_cudnn"])
 def test_graphed_step_equals_eager_steps(amp, extra):
     """Same initial weights, the same 3 warm-up steps, then 3 more steps eagerly and as graph replays on new batches
     of the captured shape: the same losses and the same weights at the end (with every fusion too: the captured
