@@ -259,6 +259,12 @@ _NO_KERNEL = {"aten._unsafe_view", "aten.lift_fresh", "aten._reshape_alias", "at
               "profiler._record_function_exit"}
 
 
+def launches_work(func) -> bool:
+    """Whether a dispatched operator launches work: not a view, not header-only or an allocation, not a prim query."""
+    name = str(func.overloadpacket)
+    return not getattr(func, "is_view", False) and name not in _NO_KERNEL and not name.startswith("prim.")
+
+
 def count_ops(fn) -> dict:
     """Operators one call of fn dispatches: {"ops": all aten/custom operators, "compute_ops": those that are not
     views or other header-only operators (each is at least one kernel on a GPU, a few microseconds of host time in
@@ -273,7 +279,7 @@ def count_ops(fn) -> dict:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket)
             self.ops += 1
-            if not getattr(func, "is_view", False) and name not in _NO_KERNEL:
+            if launches_work(func):
                 self.compute += 1
             self.casts += name == "aten._to_copy"
             return func(*args, **(kwargs or {}))

@@ -167,7 +167,7 @@ def step_roofline(variant: str, batch: int, height: int, width: int, backbone: s
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             name = str(func.overloadpacket)
-            if getattr(func, "is_view", False) or name in bench_step._NO_KERNEL or name.startswith("prim."):
+            if not bench_step.launches_work(func):
                 return out
             ins = [] if name in _WRITE_ONLY else [
                 t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]

@@ -172,10 +172,14 @@ class FoldedConv2d(nn.Module):
         """Whether this call takes cuDNN's fused path (fuse_conv_relu): a CUDA input, outside torch.compile."""
         return self.cudnn_fusion and x.is_cuda and not torch.compiler.is_compiling()
 
-    def conv_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                  combine: Callable | None = None) -> torch.Tensor:
-        """relu(conv(x, W * s) + t (+ residual)) as one cuDNN call, in autocast's dtype for x (callers check
-        uses_cudnn first); combine(t) -> the bias to add instead of t (a downsample's bias joined to it)."""
+    def conv_bias_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                       combine: Callable | None = None) -> torch.Tensor:
+        """relu(conv(x, W * s) + t (+ residual)): one cuDNN call where uses_cudnn, else the convolution without bias
+        and one bias_act pass; combine(t) -> the bias to add instead of t (a downsample's bias joined to it)."""
+        if not self.uses_cudnn(x):
+            y, shift = self.conv_nobias(x)
+            shift = combine(shift) if combine is not None else shift
+            return bias_act(y, shift, residual=residual.to(y.dtype) if residual is not None else None, relu=True)
         dtype = autocast_dtype(x, self.weight)
         weight, shift = self._folded(x, cast_shift=combine is None)
         if combine is not None:
@@ -190,10 +194,7 @@ class FoldedConv2d(nn.Module):
 
     def forward(self, x):
         if self.fused_relu:
-            if self.uses_cudnn(x):
-                return self.conv_relu(x)
-            y, shift = self.conv_nobias(x)
-            return bias_act(y, shift, relu=True)
+            return self.conv_bias_relu(x)
         weight, shift = self._folded(x, cast_shift=True)
         return self._conv(x, weight, shift)
 
@@ -359,28 +360,13 @@ class BiasActBlock(nn.Module):
 
     def forward(self, x):
         convs = [getattr(self, f"conv{i}") for i in range(1, self.n_convs + 1)]
-        if all(c.uses_cudnn(x) for c in convs):  # fuse_conv_relu, on a GPU
-            return self._forward_cudnn(x, convs)
-        y = x
-        for i in range(1, self.n_convs):
-            y, s = getattr(self, f"conv{i}").conv_nobias(y)
-            y = bias_act(y, s, relu=True)
-        y, s = getattr(self, f"conv{self.n_convs}").conv_nobias(y)
-        if self.downsample is None:
-            identity = x
-        else:
-            identity, t = self.downsample[0].conv_nobias(x)
-            s = self._combined_bias(s, t)
-        return bias_act(y, s, residual=identity.to(y.dtype), relu=True)
-
-    def _forward_cudnn(self, x, convs):
         y = x
         for conv in convs[:-1]:
-            y = conv.conv_relu(y)
+            y = conv.conv_bias_relu(y)
         if self.downsample is None:
-            return convs[-1].conv_relu(y, residual=x)
+            return convs[-1].conv_bias_relu(y, residual=x)
         identity, t = self.downsample[0].conv_nobias(x)  # its bias joins the last convolution's
-        return convs[-1].conv_relu(y, residual=identity, combine=lambda s: self._combined_bias(s, t))
+        return convs[-1].conv_bias_relu(y, residual=identity, combine=lambda s: self._combined_bias(s, t))
 
 
 def _is_folded_block(block: nn.Module) -> bool:
