@@ -86,6 +86,10 @@ VARIANTS = {
                        compile=False, **FUSIONS, cudnn_benchmark=True),
     "fast_cudnn": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                        compile=False, **FUSIONS, conv_fusion=True),
+    "fast_fused_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                             tf32=True, compile=False, **FUSIONS, graph=True),
+    "fast_cudnn_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                             tf32=True, compile=False, **FUSIONS, conv_fusion=True, graph=True),
     "fast_all": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                      compile=False, **FUSIONS, cudnn_benchmark=True, graph=True),
 }
@@ -215,12 +219,16 @@ def make_step(model, criterion, cfg, amp, device, fused_opt=False, capturable=Fa
                             lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused_opt or None,
                             capturable=capturable)
     wd = criterion.weight_dict
+    # the loss names and their weights on the device, made by the first call and reused (as the engine's train_step
+    # does): made each step, the weights would be a host-to-device copy, a sync, and not allowed in a graph capture
+    named = {}
 
     def step(images, mask, targets):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp == "bf16"):
             out = model(images, mask)
             losses = criterion(out, targets)
-            total = weighted_total(losses, wd)[0]
+            total, named["keys"], named["weights"], _ = weighted_total(losses, wd, named.get("keys"),
+                                                                        named.get("weights"))
         opt.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_max_norm)
@@ -292,10 +300,10 @@ def count_ops(fn) -> dict:
 # Kernel (GPU) or operator (CPU) names -> step-breakdown category; the first pattern that matches wins.
 CATEGORIES = [
     ("matching+loss", ("matching_cost", "linear_assignment", "auction", "box_loss", "giou", "lap", "hungarian")),
-    ("attention", ("attention", "fmha", "flash", "sdpa", "softmax", "efficient_attention", "cudnn_attn",
+    ("attention", ("attention", "attn_", "fmha", "flash", "sdpa", "softmax", "efficient_attention", "cudnn_attn",
                    "scaled_dot_product")),
     ("normalization", ("layer_norm", "layernorm", "batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford",
-                       "add_dropout_layernorm")),
+                       "add_dropout_layernorm", "ln_forward", "ln_backward", "ln_column")),
     ("optimizer", ("adam", "multi_tensor", "foreach", "clip_grad", "_fused_adamw", "norm_kernel")),
     ("convolution", ("conv", "cudnn", "implicit", "fprop", "dgrad", "wgrad", "nhwc", "nchw", "winograd")),
     ("matmul", ("gemm", "cutlass", "cublas", "xmma", "matmul", "aten::mm", "aten::addmm", "aten::bmm", "sm90",
@@ -311,8 +319,24 @@ def categorize(name: str) -> str:
     return "elementwise+other"
 
 
-def step_breakdown(fn, device, iters: int = 3) -> dict:
-    """Where one step's time goes: {category: ms per step} from torch.profiler, plus "step" (wall ms per step).
+def short_kernel_name(name: str, width: int = 150) -> str:
+    """A kernel's name without "void" and its parameter list (template arguments kept: an elementwise kernel's
+    functor is one), cut to `width` characters."""
+    depth = 0
+    for i, ch in enumerate(name):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth = max(depth - 1, 0)
+        elif ch == "(" and depth == 0 and i > 0:
+            name = name[:i]
+            break
+    return name.removeprefix("void ").strip()[:width]
+
+
+def step_breakdown(fn, device, iters: int = 3, top: int = 0) -> dict:
+    """Where one step's time goes: {category: ms per step} from torch.profiler, plus "step" (wall ms per step) and,
+    on a GPU with `top` > 0, "top_kernels": the `top` kernels with the most time (name, ms per step, launches).
 
     On a GPU the categories sum the CUDA kernels' durations and "idle" is the rest of the step's wall time (host
     syncs, Python and launch gaps leave the GPU waiting). On the CPU they sum the self time of the aten operators.
@@ -331,12 +355,20 @@ def step_breakdown(fn, device, iters: int = 3) -> dict:
         wall_ms = (time.perf_counter() - t0) * 1e3 / iters
     out: dict = {}
     if device == "cuda":
+        kernels: dict = {}
         for evt in prof.events():
             if evt.device_type == torch.autograd.DeviceType.CUDA:
                 cat = categorize(evt.name)
-                out[cat] = out.get(cat, 0.0) + evt.time_range.elapsed_us() / 1e3 / iters
+                ms = evt.time_range.elapsed_us() / 1e3 / iters
+                out[cat] = out.get(cat, 0.0) + ms
+                k = kernels.setdefault(evt.name, [0.0, 0])
+                k[0] += ms
+                k[1] += 1
         busy = sum(out.values())
         out["idle"] = max(wall_ms - busy, 0.0)
+        if top:  # the kernels that take the most time: name (shortened), ms per step, launches per step
+            ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+            out["top_kernels"] = [(short_kernel_name(n), round(ms, 3), cnt // iters) for n, (ms, cnt) in ranked]
     else:
         for avg in prof.key_averages():
             if avg.key.startswith(("aten::", "detr_fast::")) and avg.self_cpu_time_total > 0:
@@ -362,6 +394,8 @@ def main(argv=None):
     ap.add_argument("--json", default="")
     ap.add_argument("--count-ops", action="store_true",
                     help="also count the operators one eager step dispatches (ops, compute_ops, casts columns)")
+    ap.add_argument("--top-kernels", type=int, default=0, metavar="K",
+                    help="with --breakdown on a GPU: also list the K kernels that take the most time")
     ap.add_argument("--breakdown", action="store_true",
                     help="also profile each variant's step and split its time into kernel categories")
     ap.add_argument("--mixed", type=int, default=0, metavar="N",
@@ -441,9 +475,14 @@ def main(argv=None):
             row.update(count_ops(lambda: step(images, mask, targets)))
         if a.breakdown:
             try:
-                row["breakdown_ms"] = step_breakdown(lambda: step(images, mask, targets), device)
-                print(f"{name} breakdown (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                                                  row["breakdown_ms"].items()), flush=True)
+                bd = step_breakdown(lambda: step(images, mask, targets), device, top=a.top_kernels)
+                top = bd.pop("top_kernels", [])
+                row["breakdown_ms"] = bd
+                print(f"{name} breakdown (ms/step): " + ", ".join(f"{k} {v:.1f}" for k, v in bd.items()), flush=True)
+                if top:
+                    row["top_kernels"] = top
+                    print(f"{name} top kernels (ms/step, launches/step):\n" + "\n".join(
+                        f"  {ms:7.3f} {cnt:5d}  {kname}" for kname, ms, cnt in top), flush=True)
             except Exception as exc:  # the profile is extra information: never lose the timing for it
                 print(f"{name}: breakdown failed: {type(exc).__name__}: {exc}", flush=True)
         if device == "cuda":

@@ -27,7 +27,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+# sm_90 code (H100, H200), whatever TORCH_CUDA_ARCH_LIST the machine's environment sets (the lent ones say 9.0a):
+# the prebuilt extension is built for 9.0, and its stamp must match; GPU_ARCH=... for another GPU
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${GPU_ARCH:-9.0}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export PY=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
@@ -35,7 +37,7 @@ case "${PROFILE:-all}" in
   first)
     # the step benchmark right after the build: its figures are what a lease is for; the tests of the never-run
     # parts next (they also say whether a graph variant's figure is of a correct step)
-    DEFAULT_STAGES="wheels build bench_step charts tests_new dali_check bench_data"
+    DEFAULT_STAGES="wheels build throw_check bench_step charts tests_new dali_check bench_data"
     # the decisive variants first (the stage's time limit keeps what finished): reference, plain, all fused, graphs,
     # and last the compiled reference (the issue's second target), whose compile time is the least certain; the
     # one-option variants are in the second profile
@@ -51,7 +53,7 @@ case "${PROFILE:-all}" in
     DEFAULT_MIXED=0 DEFAULT_MIXED_VARIANTS=
     DEFAULT_DEADLINE=470 ;;
   all)
-    DEFAULT_STAGES="wheels build dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
+    DEFAULT_STAGES="wheels build throw_check dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
     DEFAULT_VARIANTS=ref_tf32,fast,fast_all,fast_fused,fast_tuned,fast_cudnn,fast_graph,fast_cast,fast_proj,fast_ffn,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast,fast_all
@@ -101,10 +103,16 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.
   tail -n 25 "$OUT/$name.log"
 }
 
-install_wheels() {
-  [ -d /tmp/chunks ] || { echo "no /tmp/chunks: DALI and pycocotools not installed"; return 0; }
-  cat /tmp/chunks/part_* | tar x -C /tmp && \
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/whl/*.whl
+install_wheels() {  # the chunks moved by shared/tools/gpu-wheels.sh, and small wheels carried in .gpuwheels/extra
+  local whl=()
+  if [ -d /tmp/chunks ]; then
+    cat /tmp/chunks/part_* | tar x -C /tmp && whl+=(/tmp/whl/*.whl)
+  else
+    echo "no /tmp/chunks: DALI not installed"
+  fi
+  [ -d .gpuwheels/extra ] && whl+=(.gpuwheels/extra/*.whl)
+  [ ${#whl[@]} -eq 0 ] && return 0
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "${whl[@]}"
 }
 # the DALI mixed path against its CPU path, image by image, plus the on-device extent check and the old race count
 dali_check() {  # on a failure, once more with DALI's host-synchronous outputs: tells whether those matter
@@ -145,6 +153,7 @@ run_stage() {  # run_stage NAME: one stage of $STAGES, with its time limit and c
     wheels) stage wheels 90 install_wheels
             [ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site" ;;
     build) stage build 300 build_ext ;;
+    throw_check) stage throw_check 90 $PY benchmarks/throw_check.py ;;
     validate) stage validate 120 $PY -m detr_fast validate --device cuda ;;
     tests) stage tests 240 $PY -m pytest -q -m needs_cuda -p no:cacheprovider --continue-on-collection-errors -rfE \
              $XDIST tests ;;
@@ -157,7 +166,7 @@ run_stage() {  # run_stage NAME: one stage of $STAGES, with its time limit and c
     bench_attention) stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 \
                        --json "$OUT/bench_attention.json" ;;
     bench_step) stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" \
-                  --breakdown --count-ops "${MIXED_ARGS[@]}" --json "$OUT/bench_step.json" ;;
+                  --breakdown --top-kernels 25 --count-ops "${MIXED_ARGS[@]}" --json "$OUT/bench_step.json" ;;
     charts)  # PNG charts of the kernel speedups and the step breakdown, from whichever JSON exists by then
       local args=()
       [ -f "$OUT/bench_ops.json" ] && args+=(--ops "$OUT/bench_ops.json")

@@ -210,3 +210,33 @@ def test_bench_step_mixed_shapes(monkeypatch):
         assert torch.equal(pt["boxes"][:, :n], targets["boxes"]) and not pt["boxes"][:, n:].any()
     own = sum(b[0].shape[-2] * b[0].shape[-1] for b in batches)
     assert m["pad"] == pytest.approx(sum(p[0].shape[-2] * p[0].shape[-1] for p in padded) / own) and m["pad"] > 1
+
+
+class _NoHostData(torch.overrides.TorchFunctionMode):
+    """Fails on tensors made from host data (Python numbers or lists): on a GPU each is a host-to-device copy, a sync
+    in the step and an error under CUDA graph capture."""
+
+    BANNED = {torch.tensor, torch.as_tensor, torch.asarray}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.BANNED:
+            raise AssertionError(f"tensor made from host data in the step: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", ["fast_fp32", "fast_fused"])
+def test_bench_step_makes_no_tensor_from_host_data_after_the_first_step(variant):
+    """bench_step's training step (the one its graph variants capture) builds the loss weights once, on the first
+    call; later calls copy nothing from the host."""
+    from bench_step import make_step
+
+    torch.manual_seed(0)
+    cfg, model, criterion = build(OVER, variant, "cpu")
+    step = make_step(model, criterion, cfg, "none", "cpu")
+    images, mask, targets = make_batch(2, 64, 96, 7, "cpu", seed=8, max_targets=4)
+    with pytest.raises(AssertionError, match="host data"), _NoHostData():  # the detector sees the first call's copy
+        step(images, mask, targets)
+    first = step(images, mask, targets)
+    with _NoHostData():
+        second = step(images, mask, targets)
+    assert torch.isfinite(first) and torch.isfinite(second)

@@ -34,7 +34,7 @@ def test_script_parses():
 def test_first_profile_times_the_step_right_after_the_build(tmp_path):
     stages, commands, _ = plan(tmp_path, PROFILE="first", DEADLINE="0")
     names = [n for n, _ in stages]
-    assert names[:3] == ["wheels", "build", "bench_step"]
+    assert names[:4] == ["wheels", "build", "throw_check", "bench_step"]
     assert names.index("tests_new") > names.index("bench_step")
     step = next(c for c in commands if "bench_step.py" in c)
     assert re.search(r"--variants ref_tf32,fast,fast_all,\S*,ref_compile ", step)  # the compiled reference last
