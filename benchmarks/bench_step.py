@@ -322,6 +322,7 @@ def categorize(name: str) -> str:
 def short_kernel_name(name: str, width: int = 150) -> str:
     """A kernel's name without "void" and its parameter list (template arguments kept: an elementwise kernel's
     functor is one), cut to `width` characters."""
+    name = name.replace("(anonymous namespace)", "{anon}")
     depth = 0
     for i, ch in enumerate(name):
         if ch == "<":

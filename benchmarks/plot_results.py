@@ -85,6 +85,7 @@ def plot_step(doc: dict, path: Path) -> Path:
     for x, r in enumerate(rows):
         ax.text(x, r["ms_per_step"], f"{r['ms_per_step']:.1f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("ms per training step")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=8)  # long variant names would overlap
     batch = doc.get("batch")
     ax.set_title(f"training step{' (batch %d, up to %dx%d)' % tuple(batch) if batch else ''}\n"
                  f"{_env_line(doc.get('environment'))}", fontsize=9)

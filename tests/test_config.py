@@ -17,11 +17,11 @@ def test_shipped_configs_load():
     fast = load_config(CONFIGS / "detr_r50_coco_fast.yaml")
     m = fast.model
     assert m.fused_norm and m.fused_bias_act and m.flat_cast and m.packed_proj and m.fused_ffn and m.channels_last
-    assert m.fold_bn
+    assert m.fold_bn and m.conv_fusion and not coco.model.conv_fusion
     assert fast.train.amp == "bf16"
     # the paper's settings otherwise: the two files differ only in the fast-path options, amp and the output folder
     skip = {("model", k) for k in ("channels_last", "fused_norm", "fused_bias_act", "flat_cast", "packed_proj",
-                                   "fused_ffn")}
+                                   "fused_ffn", "conv_fusion")}
     skip |= {("train", "amp"), ("train", "output_dir")}
     for section in ("model", "loss", "data", "train"):
         a, b = vars(getattr(coco, section)), vars(getattr(fast, section))
