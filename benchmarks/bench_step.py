@@ -20,7 +20,12 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_tuned    fast_fused with cuDNN autotuning (torch.backends.cudnn.benchmark; the batch shape repeats)
   fast_cudnn    fast_fused with model.conv_fusion (each trunk convolution with its bias (+ residual) + ReLU as one
                 cuDNN call; on a GPU only, elsewhere it is fast_fused)
-  fast_all      the best combination: fast_tuned captured as one CUDA graph (a GPU only)
+  fast_all      fast_tuned captured as one CUDA graph (a GPU only)
+  fast_fused_graph, fast_cudnn_graph   fast_fused and fast_cudnn captured as one CUDA graph (the latter is the step
+                of configs/detr_r50_coco_fast.yaml; the fastest measured, benchmarks/RESULTS.md)
+  fast_compile_graph   fast_fused under torch.compile (Inductor), captured as one CUDA graph
+  fast_bgrad, fast_bgrad_graph   fast_cudnn with model.bias_grad_mm (linear bias gradients as matrix products),
+                eager and as one CUDA graph
 cuDNN autotuning is off in every other variant, as in the public reference.
 The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
@@ -90,6 +95,12 @@ VARIANTS = {
                              tf32=True, compile=False, **FUSIONS, graph=True),
     "fast_cudnn_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                              tf32=True, compile=False, **FUSIONS, conv_fusion=True, graph=True),
+    "fast_bgrad": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
+                       compile=False, **FUSIONS, conv_fusion=True, bias_grad_mm=True),
+    "fast_bgrad_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                             tf32=True, compile=False, **FUSIONS, conv_fusion=True, bias_grad_mm=True, graph=True),
+    "fast_compile_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                               tf32=True, compile=True, **FUSIONS, graph=True),
     "fast_all": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
                      compile=False, **FUSIONS, cudnn_benchmark=True, graph=True),
 }
@@ -202,7 +213,7 @@ def build(cfg_overrides, variant, device):
     sets = list(cfg_overrides) + [f"model.kernels={v['kernels']}", f"model.attention={v['attention']}",
                                   f"model.fold_bn={str(v['fold_bn']).lower()}",
                                   f"model.channels_last={str(v['channels_last']).lower()}"]
-    for key in list(FUSIONS) + ["conv_fusion"]:
+    for key in list(FUSIONS) + ["conv_fusion", "bias_grad_mm"]:
         if key in v:
             sets.append(f"model.{key}={str(v[key]).lower()}")
     cfg = load_config(None, sets)

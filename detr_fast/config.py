@@ -51,6 +51,9 @@ class ModelConfig:
     packed_proj: bool = False
     # the FFN's ReLU and dropout as one relu_dropout call (its own dropout stream; the backward reads the output only)
     fused_ffn: bool = False
+    # every linear layer's bias gradient as a matrix product (ones @ grad) instead of a column-sum reduction, in the
+    # transformer and heads (equal to rounding; models/linear.py)
+    bias_grad_mm: bool = False
 
 
 @dataclass

@@ -103,6 +103,7 @@ def test_fast_step_reads_nothing_back_to_the_host():
     _step("fast_fp32", batch, ("model.fused_bias_act=true",))  # fused trunk, its cached folded BatchNorm
     # bf16 autocast with the one-pass weight cast and the packed projections
     _step("fast", batch, ("model.flat_cast=true", "model.packed_proj=true"), amp=True)
+    _step("fast", batch, ("model.flat_cast=true", "model.bias_grad_mm=true"), amp=True)  # bias grads as products
     # the detector does catch the reference path's matcher (scipy on host copies)
     with pytest.raises(AssertionError, match="host"):
         _step("ref_fp32", batch)

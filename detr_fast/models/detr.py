@@ -10,6 +10,7 @@ from torch import nn
 from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import cast_targets, flat_cast
 from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu
+from detr_fast.models.linear import bias_grad_mm
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
 
@@ -45,6 +46,7 @@ class DETR(nn.Module):
         self.channels_last = False
         self.flat_cast_targets = []  # (module, name) pairs cast in one pass under autocast (model.flat_cast)
         self.trunk_fold = None  # TrunkFold of the folded trunk (model.flat_cast with fold_bn)
+        self.bias_grad_mm = False  # model.bias_grad_mm: linear bias gradients as matrix products (models/linear.py)
 
     def use_flat_cast(self, on: bool = True) -> None:
         """model.flat_cast: under autocast, the transformer's, input projection's and heads' matrix weights are cast
@@ -66,7 +68,7 @@ class DETR(nn.Module):
             images = images.contiguous(memory_format=torch.channels_last)
         with self.trunk_fold.applied(images) if self.trunk_fold is not None else nullcontext():
             feat, m, pos = self.backbone(images, mask)
-        with flat_cast(self.flat_cast_targets):
+        with flat_cast(self.flat_cast_targets), bias_grad_mm(self.bias_grad_mm):
             hs = self.transformer(self.input_proj(feat), m, self.query_embed.weight, pos)  # [L, B, Q, d]
             logits = self.class_embed(hs)  # [L, B, Q, C+1]
             boxes = self.bbox_embed(hs).sigmoid()  # [L, B, Q, 4]
@@ -99,6 +101,7 @@ def build_detr(cfg) -> DETR:
     model = DETR(joiner, transformer, m.num_classes, m.num_queries, aux_loss=m.aux_loss)
     if m.flat_cast:
         model.use_flat_cast()
+    model.bias_grad_mm = m.bias_grad_mm
     if m.channels_last:
         model.channels_last = True
         model.backbone.to(memory_format=torch.channels_last)
