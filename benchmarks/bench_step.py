@@ -26,6 +26,8 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_compile_graph   fast_fused under torch.compile (Inductor), captured as one CUDA graph
   fast_bgrad, fast_bgrad_graph   fast_cudnn with model.bias_grad_mm (linear bias gradients as matrix products),
                 eager and as one CUDA graph
+  fast_cudnn_perconv_graph   fast_cudnn_graph with the trainable trunk weights folded one product per weight each
+                way instead of one scale_many launch (models/fold.py TRAINABLE_SCALE_MANY; the same values)
 cuDNN autotuning is off in every other variant, as in the public reference.
 The fast variants use the fused AdamW (as the engine does); the reference ones torch's default AdamW.
 Prints ms/step (median), img/s, ratio to ref_tf32 and ref_compile, peak memory, host syncs per step (counted with
@@ -55,7 +57,7 @@ import torch
 from detr_fast.bench import environment, format_table, median_ms
 from detr_fast.config import load_config
 from detr_fast.criterion import build_criterion, weighted_total
-from detr_fast.models import build_detr
+from detr_fast.models import build_detr, fold
 
 # the five model options of the fast path, each computing the same function (config.py)
 FUSIONS = dict(fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True, fused_ffn=True)
@@ -99,6 +101,9 @@ VARIANTS = {
                        compile=False, **FUSIONS, conv_fusion=True, bias_grad_mm=True),
     "fast_bgrad_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                              tf32=True, compile=False, **FUSIONS, conv_fusion=True, bias_grad_mm=True, graph=True),
+    "fast_cudnn_perconv_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True,
+                                     amp="bf16", tf32=True, compile=False, **FUSIONS, conv_fusion=True, graph=True,
+                                     trainable_scale_many=False),
     "fast_compile_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                                tf32=True, compile=True, **FUSIONS, graph=True),
     "fast_all": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16", tf32=True,
@@ -452,6 +457,7 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = v["tf32"]
         torch.backends.cudnn.allow_tf32 = v["tf32"]
         torch.backends.cudnn.benchmark = v.get("cudnn_benchmark", False)  # tuned in the warm-up steps
+        fold.TRAINABLE_SCALE_MANY = v.get("trainable_scale_many", True)  # read when a graph is captured
         cfg, model, criterion = build(overrides, name, device)
         model.load_state_dict(base_state, strict=True)
         loss = eval_loss(model, criterion, v["amp"], device, images, mask, targets)
@@ -518,6 +524,7 @@ def main(argv=None):
         if a.json:  # after every variant: a run cut short by a time limit keeps what it measured
             with open(a.json, "w") as f:
                 json.dump({"environment": environment(device), "batch": [B, H, W], "rows": rows}, f, indent=1)
+    fold.TRAINABLE_SCALE_MANY = True
     cols = ["variant", "ms_per_step", "img_per_s", "x_ref_tf32", "x_ref_compile", "peak_mem_GiB", "syncs_per_step",
             "loss_same_batch"] + (["ops", "compute_ops", "casts"] if a.count_ops else []) + (
             ["mixed_ms_per_step", "mixed_img_per_s", "mixed_x_ref_tf32", "mixed_pad", "mixed_graphs"]

@@ -68,4 +68,10 @@ TORCH_LIBRARY(detr_fast, m) {
   // x [N, C, ...] float; bias [C] in x's dtype or float32; residual with x's shape and dtype. out: x's shape and
   // dtype, channels_last when x is. The backward is torch's threshold_backward and sum (detr_fast/ops/bias_act.py).
   m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+
+  // Per-channel scaling of many tensors in one pass (csrc/scale): out[k] = xs[k] * scale[channels of k] in dtype,
+  // each tensor's dimension 0 its channel (outermost in memory: contiguous or channels_last), tensor k's channels
+  // after tensor k-1's in scale (float32/float64). Outputs keep their input's shape and strides. The folding of a
+  // trunk's trainable convolution weights with their frozen BatchNorm scales, forward and backward, in one launch.
+  m.def("scale_many(Tensor[] xs, Tensor scale, ScalarType dtype) -> Tensor[]");
 }

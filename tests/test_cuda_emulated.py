@@ -1,5 +1,5 @@
-"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, linear_assignment, matching_cost, box_loss and
-attention, run on the CPU through the host emulator of tests/emulator/, here and in CI; and the same kernels under
+"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, scale_many, linear_assignment, matching_cost,
+box_loss and attention, run on the CPU through the host emulator of tests/emulator/, here and in CI; and the same kernels under
 ThreadSanitizer (tests/emulator/race_check.py).
 
 The emulator compiles the kernel headers (csrc/*/*_kernels.cuh, attention_launch.cuh) for the host: each CUDA
@@ -292,6 +292,35 @@ def test_bias_act_unaligned_and_grid_stride(emu):
     for cl in (False, True):
         x, bias, r = bias_act_inputs((8, 32, 24, 24), "cpu", torch.bfloat16, gen, channels_last=cl)
         _bias_act_check(emu, x, bias, r, True, sms=1)
+
+
+# ---- scale_many --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                (torch.float32, torch.float32), (torch.float64, torch.float64),
+                                                (torch.float16, torch.float16), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("sms", [1, 3])
+def test_scale_many_matches_reference(emu, in_dtype, out_dtype, sms):
+    """Bit for bit against reference.scale_many (one product per tensor, rounded once), with 61 tensors of odd
+    channel counts (two launches of at most 48), channels_last and contiguous, empty ones, and sms=1 so that each
+    block strides over its tensor."""
+    gen = torch.Generator().manual_seed(31)
+    shapes = [(int(c), int(k), 3, 3) for c, k in torch.randint(1, 23, (61, 2), generator=gen)]
+    shapes[5], shapes[40] = (0, 4, 3, 3), (7, 0, 1, 1)
+    xs = [torch.randn(*sh, generator=gen, dtype=torch.float64).to(in_dtype) for sh in shapes]
+    xs = [x.contiguous(memory_format=torch.channels_last) if i % 2 else x for i, x in enumerate(xs)]
+    scale = torch.rand(sum(sh[0] for sh in shapes), generator=gen, dtype=torch.float64) + 0.5
+    scale = scale.to(torch.float64 if torch.float64 in (in_dtype, out_dtype) else torch.float32)
+    got = emu.scale_many(xs, scale, torch.empty(0, dtype=out_dtype), sms=sms)
+    want = reference.scale_many(xs, scale, out_dtype)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.stride() == w.stride() and torch.equal(g, w)
+
+
+def test_scale_many_refuses_bad_arguments(emu):
+    x = torch.ones(4, 2, 3, 3)
+    with pytest.raises(ValueError, match="one value per channel"):
+        emu.scale_many([x], torch.ones(3), torch.empty(0), sms=2)
 
 
 # ---- linear_assignment -------------------------------------------------------------------------------------------

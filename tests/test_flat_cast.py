@@ -211,12 +211,22 @@ def test_trunk_fold_in_a_capture_is_bit_identical(monkeypatch):
             runs[flat, extra] = (o, loss, g, ops)
             assert all(c._lent is None for c in m.backbone.modules() if isinstance(c, fold.FoldedConv2d))
             assert (m.trunk_fold is not None) == flat
+    # the trainable weights folded one product per weight each way, as before scale_many (the same values)
+    monkeypatch.setattr(fold, "TRAINABLE_SCALE_MANY", False)
+    extra = ("model.fused_bias_act=true",)
+    _, o3, l3, g3, c3 = _step(extra + ("model.dropout=0.0", "model.flat_cast=true"), 0, batch, count=True, warm=True)
+    runs["per_conv", extra] = (o3, l3, g3, c3)
     for extra in ((), ("model.fused_bias_act=true",)):
         (o1, l1, g1, c1), (o2, l2, g2, c2) = runs[False, extra], runs[True, extra]
         assert torch.equal(l1, l2) and torch.equal(o1["all_boxes"], o2["all_boxes"])
         assert g1.keys() == g2.keys() and all(torch.equal(g1[n], g2[n]) for n in g1)
         assert c2["aten.rsqrt"] == 1 and c1["aten.rsqrt"] > 15
         assert sum(c2.values()) < sum(c1.values()) - 60
+        # the trainable weights (resnet18's layers 2-4: 15 convolutions) in one launch forward, one backward
+        assert c2["detr_fast.scale_many"] == 2 and c1.get("detr_fast.scale_many", 0) == 0
+    o3, l3, g3, c3 = runs["per_conv", extra]
+    assert torch.equal(l3, l2) and all(torch.equal(g3[n], g2[n]) for n in g2)
+    assert c3.get("detr_fast.scale_many", 0) == 0 and c3["aten.mul"] >= c2["aten.mul"] + 2 * 15
 
 
 def test_trunk_fold_stands_aside_outside_a_capture():

@@ -2,6 +2,7 @@
 of each profile, the deadline that keeps a run inside a device call, and that every file a stage names exists."""
 import os
 import re
+import sys
 import subprocess
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def test_first_profile_times_the_step_right_after_the_build(tmp_path):
     assert names[:4] == ["wheels", "build", "throw_check", "bench_step"]
     assert names.index("tests_new") > names.index("bench_step")
     step = next(c for c in commands if "bench_step.py" in c)
-    assert re.search(r"--variants ref_tf32,fast,fast_all,\S*,ref_compile ", step)  # the compiled reference last
-    assert "--mixed 6 --mixed-variants ref_tf32,fast,fast_all" in step
+    # both references first, then the fast config's graphed step, the compiled fast step last
+    assert re.search(r"--variants ref_tf32,ref_compile,fast_cudnn_graph,\S*,fast_compile_graph ", step)
+    assert "--mixed 6 --mixed-variants ref_tf32,fast_cudnn_graph" in step and "--iters 20" in step
     tests_new = next(c for c in commands if "tests/test_graphs.py" in c)
     assert tests_new.index("test_graphs.py") < tests_new.index("test_assignment.py")  # graph tests first
 
@@ -47,7 +49,7 @@ def test_second_profile_starts_with_the_compiled_reference(tmp_path):
     stages, commands, _ = plan(tmp_path, PROFILE="second", DEADLINE="0")
     assert [n for n, _ in stages][:2] == ["build", "bench_step"]
     step = next(c for c in commands if "bench_step.py" in c)
-    assert "--variants ref_compile,fast_all," in step
+    assert "--variants ref_compile,fast_cudnn_graph," in step
 
 
 @pytest.mark.parametrize("deadline", [100, 400, 470])
@@ -78,6 +80,14 @@ def test_every_file_a_stage_names_exists(tmp_path, profile):
     assert named, commands
     missing = sorted(p for p in named if not (ROOT / p).is_file())
     assert not missing
+    # and every bench_step variant it names exists
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_step import VARIANTS
+
+    step = next(c for c in commands if "bench_step.py" in c)
+    names = [v for flag in ("--variants", "--mixed-variants") for m in re.findall(flag + r" (\S+)", step)
+             for v in m.split(",")]
+    assert names and not [v for v in names if v not in VARIANTS]
 
 
 @pytest.mark.parametrize("env", [{"PROFILE": "fastest"}, {"PROFILE": "first", "DEADLINE": "soon"}])

@@ -48,6 +48,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_fast.models.cast import autocast_dtype, channels_last, flatten, unflatten
 from detr_fast.ops import bias_act
+from detr_fast.ops.scale import ScaleMany
 
 
 def _key(t: torch.Tensor) -> tuple:
@@ -217,6 +218,11 @@ def _as_folded_bn(bn: FrozenBatchNorm2d) -> FoldedFrozenBatchNorm2d:
     return new
 
 
+# TrunkFold folds the trainable weights with one scale_many launch each way (True) or, as before it, one product per
+# weight each way (False: kept for benchmarks/bench_step.py's comparison; the values are the same bit for bit)
+TRAINABLE_SCALE_MANY = True
+
+
 class TrunkFold:
     """The folding of every FoldedConv2d of a trunk at once, for a forward that cannot use the per-convolution
     caches: while a CUDA graph is captured (model.flat_cast with fold_bn).
@@ -224,9 +230,11 @@ class TrunkFold:
     There each convolution would compute its scale and shift from the BatchNorm buffers inline (about five kernels)
     and fold and cast a frozen weight (two more), some 300 kernels per replay for ResNet-50. TrunkFold concatenates
     the buffers and computes every scale and shift in one pass, folds and casts the frozen weights in one more, and
-    lends each convolution its slices for the forward (FoldedConv2d._lent); a trainable weight is still multiplied
-    by its scale on its own (the product is its gradient's path, and one flat product would move twice the bytes).
-    About fifteen kernels in all, every one reading the buffers themselves, as the captured graph must. The values
+    lends each convolution its slices for the forward (FoldedConv2d._lent); the trainable weights are multiplied by
+    their scales, and written in the operand dtype, by one more launch (detr_fast.ops.scale_many, whose backward
+    brings all their gradients back in one), where each weight once took a product of its own each way (84 launches
+    for ResNet-50's layers 2-4). About fifteen kernels in all, every one reading the buffers themselves, as the
+    captured graph must. The values
     are bit-identical to the per-convolution path. Eager forwards keep the caches (no kernels at all) and
     torch.compile traces the per-convolution path; TrunkFold also stands aside when the BatchNorms do not share one
     eps and the weights' dtype and device, or when their buffers require gradients."""
@@ -296,6 +304,11 @@ class TrunkFold:
                 flat.mul_(scale.index_select(0, self._channel_index(frozen, w0.device)))  # frozen channels come first
                 weights[:len(frozen)] = unflatten(flat.to(wdt), [w.numel() for w in ws], [w.shape for w in ws],
                                                   [channels_last(w) for w in ws])
+        # the trainable weights, each times its channels' scale in the operand dtype, by one launch (ScaleMany; its
+        # backward brings the gradients back in one more): outside no_grad, the gradient reaches W through it
+        trainable = [c.weight for c in order[len(frozen):]]
+        if trainable and TRAINABLE_SCALE_MANY:
+            weights[len(frozen):] = ScaleMany.apply(scale[sum(chans[:len(frozen)]):], wdt, *trainable)
         scales = [s.view(-1, 1, 1, 1) for s in scale.split(chans)]
         try:
             for c, w, sc, t, t_low in zip(order, weights, scales, shifts, lows):

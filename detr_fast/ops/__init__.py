@@ -7,8 +7,9 @@ from detr_fast.ops.attention import attention
 from detr_fast.ops.bias_act import bias_act
 from detr_fast.ops.box import box_loss, matching_cost
 from detr_fast.ops.layernorm import add_dropout_layernorm, relu_dropout
+from detr_fast.ops.scale import scale_many
 
 __all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "relu_dropout",
-           "bias_act",
+           "bias_act", "scale_many",
            "reference",
            "backends", "extension_loaded", "has_kernel"]

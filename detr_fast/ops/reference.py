@@ -244,3 +244,23 @@ def bias_act(x, bias, residual=None, relu=True):
     if residual is not None:
         y = y + residual
     return y.relu() if relu else y
+
+
+def scale_many(xs, scale, dtype):
+    """[x * scale[channels of x] in dtype for x in xs]: dimension 0 of each x is its channel, x's channels follow the
+    previous tensor's in scale. Each product in float32 (float64 when an operand or dtype is float64) rounded once to
+    dtype, as torch.mul(x, s, out=...) computes it; each output keeps its input's memory format."""
+    xs = list(xs)
+    if scale.dim() != 1 or scale.numel() != sum(x.shape[0] for x in xs):
+        raise ValueError(f"scale must be 1-D with one value per channel of all tensors "
+                         f"({sum(x.shape[0] for x in xs)}), got shape {tuple(scale.shape)}")
+    acc = torch.float64 if torch.float64 in {scale.dtype, dtype} | {x.dtype for x in xs} else torch.float32
+    out, off = [], 0
+    for x in xs:
+        c = x.shape[0]
+        s = scale[off:off + c].to(acc).view([c] + [1] * (x.dim() - 1))
+        y = torch.empty_like(x, dtype=dtype)
+        torch.mul(x, s, out=y)  # promoted to acc (s is in it), rounded once to dtype
+        out.append(y)
+        off += c
+    return out

@@ -1,6 +1,7 @@
 // Host emulation of the CUDA kernels of add_dropout_layernorm (forward, backward, mask), relu_dropout (forward,
-// backward), bias_act, linear_assignment, matching_cost and box_loss (forward, backward), for machines without a GPU
-// (CI among them): the *_kernels.cuh headers of csrc/layernorm, csrc/bias_act, csrc/assignment and csrc/box_ops
+// backward), bias_act, scale_many, linear_assignment, matching_cost and box_loss (forward, backward), for machines without a GPU
+// (CI among them): the *_kernels.cuh headers of csrc/layernorm, csrc/bias_act, csrc/scale, csrc/assignment and
+// csrc/box_ops
 // compiled for the host on top of tests/emulator/cuda_host.h. The launchers of
 // those headers run as the device build runs them (dtype dispatch, vector paths, grid sizes, the backward's
 // partial sums); `sms` stands in for the device's SM count, so a small value makes the grid-stride loops go round.
@@ -14,6 +15,7 @@
 #include "bias_act/bias_act_kernels.cuh"
 #include "box_ops/box_ops_kernels.cuh"
 #include "layernorm/layernorm_kernels.cuh"
+#include "scale/scale_kernels.cuh"
 
 namespace detr_fast {
 namespace {
@@ -60,6 +62,14 @@ std::tuple<at::Tensor, at::Tensor> emu_relu_dropout(const at::Tensor& x, double 
 at::Tensor emu_relu_dropout_backward(const at::Tensor& grad_out, const at::Tensor& out, double p, int64_t sms) {
   check_relu_dropout_backward(grad_out, out, p);
   return relu_dropout_backward(grad_out, out, p, emu_ctx(sms));
+}
+
+// dtype_like: a tensor of the output dtype (a dtype argument without a pybind caster for it)
+std::vector<at::Tensor> emu_scale_many(const std::vector<at::Tensor>& xs, const at::Tensor& scale,
+                                       const at::Tensor& dtype_like, int64_t sms) {
+  const at::ScalarType dtype = dtype_like.scalar_type();
+  check_scale_many(xs, scale, dtype);
+  return scale_many_launch(xs, scale, dtype, emu_ctx(sms));
 }
 
 at::Tensor emu_bias_act(const at::Tensor& x, const at::Tensor& bias, const std::optional<at::Tensor>& residual,
@@ -148,5 +158,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divergent_barrier", &detr_fast::emu_divergent_barrier);
   m.def("neighbour_read", &detr_fast::emu_neighbour_read, py::arg("sync"));
   m.def("bias_act", &detr_fast::emu_bias_act, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
+        py::arg("sms") = 2);
+  m.def("scale_many", &detr_fast::emu_scale_many, py::arg("xs"), py::arg("scale"), py::arg("dtype_like"),
         py::arg("sms") = 2);
 }
