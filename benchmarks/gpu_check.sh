@@ -22,7 +22,10 @@
 # assumes every stage takes its whole limit (the worst case) and shows which would be cut or skipped.
 #
 # DALI and pycocotools are not on the lent machines: when /tmp/chunks holds the parts made by
-# shared/tools/gpu-wheels.sh, they are installed into /tmp/site first.
+# shared/tools/gpu-wheels.sh, they are installed into /tmp/site first; so are the wheels of .gpuwheels/extra (small
+# ones that travel with the tree: carry it), e.g. pycocotools for the engine's CUDA-graph tests, fetched with
+#   pip download --no-deps -d .gpuwheels/extra --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 pycocotools
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}

@@ -5,6 +5,8 @@
 // float32 or float64, on their device, with sum(x.size(0)) elements (tensor k's channels follow tensor k-1's);
 // dtype the outputs' floating dtype. Output k: xs[k]'s shape and strides, out[i] = x[i] * scale[off_k + channel].
 #pragma once
+#include <ATen/Dispatch.h>
+
 #include <vector>
 
 #include "common/checks.h"
@@ -50,6 +52,24 @@ inline void check_scale_many(const std::vector<at::Tensor>& xs, const at::Tensor
   }
   DETR_CHECK(scale.numel() == channels, op, ": scale must have one value per channel of all tensors (", channels,
              "), got ", scale.numel());
+}
+
+// f(in_t{}, out_t{}, scale pointer in the accumulation type) for the inputs' and the output's dtypes, with the scale
+// converted to the accumulation dtype: the dispatch both entry points run.
+template <typename F>
+void scale_many_dispatch(const std::vector<at::Tensor>& xs, const at::Tensor& scale, at::ScalarType dtype, F&& f) {
+  const at::ScalarType acc = scale_acc_dtype(xs[0].scalar_type(), scale.scalar_type(), dtype);
+  const at::Tensor s = scale.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "scale_many_in", [&] {
+    using in_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_many_out", [&] {
+      if (acc == at::kDouble) {
+        f(in_t{}, scalar_t{}, s.const_data_ptr<double>());
+      } else {
+        f(in_t{}, scalar_t{}, s.const_data_ptr<float>());
+      }
+    });
+  });
 }
 
 // The outputs, each with its input's shape and strides, in dtype.

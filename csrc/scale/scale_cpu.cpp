@@ -34,22 +34,15 @@ std::vector<at::Tensor> scale_many_cpu(at::TensorList xs_in, const at::Tensor& s
   check_scale_many(xs, scale, dtype);
   std::vector<at::Tensor> out = scale_many_outputs(xs, dtype);
   if (xs.empty()) return out;
-  const at::ScalarType acc = scale_acc_dtype(xs[0].scalar_type(), scale.scalar_type(), dtype);
-  const at::Tensor s = scale.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "scale_many_cpu_in", [&] {
-    using in_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_many_cpu_out", [&] {
-      using out_t = scalar_t;
-      int64_t off = 0;
-      for (size_t k = 0; k < xs.size(); ++k) {
-        if (acc == at::kDouble) {
-          scale_one_cpu<in_t, out_t, double>(xs[k], out[k], s.const_data_ptr<double>() + off);
-        } else {
-          scale_one_cpu<in_t, out_t, float>(xs[k], out[k], s.const_data_ptr<float>() + off);
-        }
-        off += xs[k].size(0);
-      }
-    });
+  scale_many_dispatch(xs, scale, dtype, [&](auto in_tag, auto out_tag, const auto* s) {
+    using in_t = decltype(in_tag);
+    using out_t = decltype(out_tag);
+    using acc_t = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
+    int64_t off = 0;
+    for (size_t k = 0; k < xs.size(); ++k) {
+      scale_one_cpu<in_t, out_t, acc_t>(xs[k], out[k], s + off);
+      off += xs[k].size(0);
+    }
   });
   return out;
 }

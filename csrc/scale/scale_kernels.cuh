@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/launch.cuh"
@@ -77,18 +78,9 @@ inline std::vector<at::Tensor> scale_many_launch(const std::vector<at::Tensor>& 
                                                  at::ScalarType dtype, const LaunchCtx& ctx) {
   std::vector<at::Tensor> out = scale_many_outputs(xs, dtype);
   if (xs.empty()) return out;
-  const at::ScalarType acc = scale_acc_dtype(xs[0].scalar_type(), scale.scalar_type(), dtype);
-  const at::Tensor s = scale.to(acc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xs[0].scalar_type(), "scale_many_cuda_in", [&] {
-    using in_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "scale_many_cuda_out", [&] {
-      using out_t = scalar_t;
-      if (acc == at::kDouble) {
-        scale_many_launch_typed<in_t, out_t, double>(xs, out, s.const_data_ptr<double>(), ctx);
-      } else {
-        scale_many_launch_typed<in_t, out_t, float>(xs, out, s.const_data_ptr<float>(), ctx);
-      }
-    });
+  scale_many_dispatch(xs, scale, dtype, [&](auto in_tag, auto out_tag, const auto* s) {
+    using acc_t = std::remove_cv_t<std::remove_pointer_t<decltype(s)>>;
+    scale_many_launch_typed<decltype(in_tag), decltype(out_tag), acc_t>(xs, out, s, ctx);
   });
   return out;
 }
