@@ -74,4 +74,8 @@ TORCH_LIBRARY(detr_fast, m) {
   // after tensor k-1's in scale (float32/float64). Outputs keep their input's shape and strides. The folding of a
   // trunk's trainable convolution weights with their frozen BatchNorm scales, forward and backward, in one launch.
   m.def("scale_many(Tensor[] xs, Tensor scale, ScalarType dtype) -> Tensor[]");
+
+  // Max pool of a channels_last input (csrc/pool): x [N, C, H, W] -> [N, C, Ho, Wo] channels_last, dilation 1, floor
+  // mode, padded positions ignored, NaN propagated as torch's max_pool2d does; forward only (the frozen stem's pool).
+  m.def("max_pool2d_nhwc(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
 }

@@ -54,6 +54,9 @@ class ModelConfig:
     # every linear layer's bias gradient as a matrix product (ones @ grad) instead of a column-sum reduction, in the
     # transformer and heads (equal to rounding; models/linear.py)
     bias_grad_mm: bool = False
+    # the ResNet stem's max pool on a channels_last input by detr_fast.ops.max_pool2d_nhwc (forward only, where no
+    # gradient flows: the frozen stem) instead of torch's kernel; the same values
+    nhwc_pool: bool = False
 
 
 @dataclass

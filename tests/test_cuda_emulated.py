@@ -1,6 +1,6 @@
-"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, scale_many, linear_assignment, matching_cost,
-box_loss and attention, run on the CPU through the host emulator of tests/emulator/, here and in CI; and the same kernels under
-ThreadSanitizer (tests/emulator/race_check.py).
+"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, scale_many, max_pool2d_nhwc, linear_assignment,
+matching_cost, box_loss and attention, run on the CPU through the host emulator of tests/emulator/, here and in CI;
+and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
 
 The emulator compiles the kernel headers (csrc/*/*_kernels.cuh, attention_launch.cuh) for the host: each CUDA
 thread is a fiber, __syncthreads and warp shuffles are barriers, atomics are std::atomic_ref, and the launchers run
@@ -321,6 +321,23 @@ def test_scale_many_refuses_bad_arguments(emu):
     x = torch.ones(4, 2, 3, 3)
     with pytest.raises(ValueError, match="one value per channel"):
         emu.scale_many([x], torch.ones(3), torch.empty(0), sms=2)
+
+
+# ---- max_pool2d_nhwc ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,kernel,stride,padding", [((2, 64, 13, 11), 3, 2, 1), ((3, 5, 9, 7), 3, 2, 1),
+                                                         ((1, 16, 6, 5), (3, 2), (1, 2), (1, 0))])
+@pytest.mark.parametrize("sms", [1, 4])
+def test_max_pool_nhwc_matches_torch(emu, dtype, shape, kernel, stride, padding, sms):
+    """Bit for bit against torch's max_pool2d, NaN and -inf in the windows; channel counts on the 16-byte vector path
+    (64, 16) and off it (5); sms=1 makes the grid-stride loop go round."""
+    from detr_fast.ops.cases_pool import make_input, mismatches
+
+    gen = torch.Generator().manual_seed(41)
+    x = make_input(shape, "cpu", dtype, gen)
+    k, s, p = ([v, v] if isinstance(v, int) else list(v) for v in (kernel, stride, padding))
+    assert mismatches(emu.max_pool2d_nhwc(x, k, s, p, sms=sms), x, kernel, stride, padding) == 0
 
 
 # ---- linear_assignment -------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ ScaleMany's backward. The CUDA kernel runs here through the host emulator (test_
 needs_cuda tests below."""
 import pytest
 import torch
-from helpers import cpu_and_cuda
+from helpers import cpu_and_cuda, run_registry_cases
 
 from detr_fast.ops import has_kernel, reference, scale_many
 from detr_fast.ops.scale import ScaleMany
@@ -134,11 +134,4 @@ def test_fake_tensors_keep_shapes_and_layouts():
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_registry_cases(device):
-    from detr_fast.ops.registry import cases, run_case
-
-    found = cases(op="scale_many", device=device)
-    assert len(found) == 4
-    for i, case in enumerate(found):
-        for dtype in case.dtypes:
-            r = run_case(case, device, dtype, seed=500 + i)
-            assert r.passed, r
+    run_registry_cases("scale_many", device, count=4, seed=500)

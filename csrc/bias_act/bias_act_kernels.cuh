@@ -14,16 +14,12 @@
 
 #include "bias_act/bias_act_common.h"
 #include "common/launch.cuh"
+#include "common/vec.cuh"
 
 namespace detr_fast {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
 
 template <typename scalar_t, typename acc_t, int V, bool kResidual>
 __global__ void __launch_bounds__(kThreads)
@@ -60,8 +56,6 @@ __global__ void __launch_bounds__(kThreads)
         bias_act_value<acc_t>(static_cast<acc_t>(x[i]), b[bias_act_channel(i, C, inner)], rj, relu));
   }
 }
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename scalar_t, bool kResidual>
 void launch(const BiasActLayout& l, bool relu, const LaunchCtx& ctx) {

@@ -1,7 +1,7 @@
 // CUDA kernel of detr_fast::scale_many and its launcher: all tensors of the list in one launch (up to
 // kScaleMaxTensors per launch; longer lists take several). A 1-D grid: each tensor gets the same number of blocks,
-// whose threads stride over its elements in memory order, 32-bit indices. Math in common/scale_math.h. Included by scale_cuda.cu
-// (the device build) and by the host emulator (tests/emulator/).
+// whose threads stride over its elements in memory order, 32-bit indices. Math in common/scale_math.h. Included by
+// scale_cuda.cu (the device build) and by the host emulator (tests/emulator/).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

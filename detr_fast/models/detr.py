@@ -11,6 +11,7 @@ from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import cast_targets, flat_cast
 from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu
 from detr_fast.models.linear import bias_grad_mm
+from detr_fast.ops.pool import MaxPoolNHWC
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
 
@@ -94,6 +95,8 @@ def build_detr(cfg) -> DETR:
             fuse_bias_act(backbone)
             if m.conv_fusion:
                 fuse_conv_relu(backbone)
+    if m.nhwc_pool and m.backbone != "light":
+        backbone.body.maxpool = MaxPoolNHWC(backbone.body.maxpool)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
     transformer = Transformer(m.hidden_dim, m.nheads, m.enc_layers, m.dec_layers, m.dim_feedforward, m.dropout,
                               attn_impl=m.attention, fused_norm=m.fused_norm, packed_proj=m.packed_proj,

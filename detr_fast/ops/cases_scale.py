@@ -1,6 +1,6 @@
-"""Validation cases of scale_many: the trunk's trainable convolution weights (ResNet-50 layers 2-4 shapes, channels_last)
-folded forward (fp32 -> the low precision) and their gradients back (low precision -> fp32), and odd sizes; each
-output must equal reference.scale_many bit for bit (error = the largest difference, tolerance 0)."""
+"""Validation cases of scale_many: the trunk's trainable convolution weights (ResNet-50 layers 2-4 shapes,
+channels_last) folded forward (fp32 -> the low precision) and their gradients back (low precision -> fp32), and odd
+sizes; each output must equal reference.scale_many bit for bit (error = the largest difference, tolerance 0)."""
 from __future__ import annotations
 
 import torch

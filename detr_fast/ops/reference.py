@@ -264,3 +264,11 @@ def scale_many(xs, scale, dtype):
         out.append(y)
         off += c
     return out
+
+
+def max_pool2d_nhwc(x, kernel, stride, padding):
+    """torch's max_pool2d (dilation 1, floor mode) on a channels_last x, the output channels_last."""
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [N, C, H, W], got {tuple(x.shape)}")
+    out = torch.nn.functional.max_pool2d(x, kernel, stride, padding)
+    return out.contiguous(memory_format=torch.channels_last)

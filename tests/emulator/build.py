@@ -62,7 +62,7 @@ def build(name: str, source: str, kernel_dirs: list[str], opt: str = "-O1", sani
 
 
 def build_kernels(sanitize: str | None = None):
-    """kernels_emulator.cpp: the LayerNorm / relu_dropout, bias_act, scale_many, linear_assignment and box kernels with their
-    launchers."""
+    """kernels_emulator.cpp: the LayerNorm / relu_dropout, bias_act, scale_many, max pool, linear_assignment and box
+    kernels with their launchers."""
     return build("detr_fast_kernels_emulator", "kernels_emulator.cpp",
-                 ["layernorm", "bias_act", "scale", "assignment", "box_ops"], sanitize=sanitize)
+                 ["layernorm", "bias_act", "scale", "pool", "assignment", "box_ops"], sanitize=sanitize)

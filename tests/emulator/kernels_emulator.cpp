@@ -1,12 +1,11 @@
 // Host emulation of the CUDA kernels of add_dropout_layernorm (forward, backward, mask), relu_dropout (forward,
-// backward), bias_act, scale_many, linear_assignment, matching_cost and box_loss (forward, backward), for machines without a GPU
-// (CI among them): the *_kernels.cuh headers of csrc/layernorm, csrc/bias_act, csrc/scale, csrc/assignment and
-// csrc/box_ops
-// compiled for the host on top of tests/emulator/cuda_host.h. The launchers of
-// those headers run as the device build runs them (dtype dispatch, vector paths, grid sizes, the backward's
-// partial sums); `sms` stands in for the device's SM count, so a small value makes the grid-stride loops go round.
-// Each entry point checks its arguments as the CUDA op does. Dropout needs an explicit seed (there is no device
-// generator to draw one from). Driven by tests/test_cuda_emulated.py.
+// backward), bias_act, scale_many, max_pool2d_nhwc, linear_assignment, matching_cost and box_loss (forward,
+// backward), for machines without a GPU (CI among them): the *_kernels.cuh headers of csrc/layernorm,
+// csrc/bias_act, csrc/scale, csrc/pool, csrc/assignment and csrc/box_ops compiled for the host on top of
+// tests/emulator/cuda_host.h. The launchers of those headers run as the device build runs them (dtype dispatch,
+// vector paths, grid sizes, the backward's partial sums); `sms` stands in for the device's SM count, so a small value
+// makes the grid-stride loops go round. Each entry point checks its arguments as the CUDA op does. Dropout needs an
+// explicit seed (there is no device generator to draw one from). Driven by tests/test_cuda_emulated.py.
 #include <torch/extension.h>
 
 #include "cuda_host.h"
@@ -15,6 +14,7 @@
 #include "bias_act/bias_act_kernels.cuh"
 #include "box_ops/box_ops_kernels.cuh"
 #include "layernorm/layernorm_kernels.cuh"
+#include "pool/pool_kernels.cuh"
 #include "scale/scale_kernels.cuh"
 
 namespace detr_fast {
@@ -62,6 +62,12 @@ std::tuple<at::Tensor, at::Tensor> emu_relu_dropout(const at::Tensor& x, double 
 at::Tensor emu_relu_dropout_backward(const at::Tensor& grad_out, const at::Tensor& out, double p, int64_t sms) {
   check_relu_dropout_backward(grad_out, out, p);
   return relu_dropout_backward(grad_out, out, p, emu_ctx(sms));
+}
+
+at::Tensor emu_max_pool2d_nhwc(const at::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, int64_t sms) {
+  const PoolParams p = check_max_pool_nhwc(x, kernel, stride, padding);
+  return max_pool_nhwc_launch(x, p, emu_ctx(sms));
 }
 
 // dtype_like: a tensor of the output dtype (a dtype argument without a pybind caster for it)
@@ -159,6 +165,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("neighbour_read", &detr_fast::emu_neighbour_read, py::arg("sync"));
   m.def("bias_act", &detr_fast::emu_bias_act, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
         py::arg("sms") = 2);
+  m.def("max_pool2d_nhwc", &detr_fast::emu_max_pool2d_nhwc, py::arg("x"), py::arg("kernel"), py::arg("stride"),
+        py::arg("padding"), py::arg("sms") = 2);
   m.def("scale_many", &detr_fast::emu_scale_many, py::arg("xs"), py::arg("scale"), py::arg("dtype_like"),
         py::arg("sms") = 2);
 }

@@ -1,0 +1,44 @@
+"""Validation cases of max_pool2d_nhwc: the ResNet stem's 3x3 / 2 pool (padding 1) on channels_last activations, with
+channel counts on and off the 16-byte vector width, odd sizes, and windows holding NaN and -inf; the output must
+equal torch's max_pool2d bit for bit (error = number of differing elements, NaN equal to NaN; tolerance 0)."""
+from __future__ import annotations
+
+import torch
+
+from detr_fast.ops.registry import Case, register
+
+
+def make_input(shape, device, dtype, gen, specials=True):
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+    if specials and x.numel() > 8:
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (4,), generator=gen)
+        flat[idx[:2]] = float("nan")
+        flat[idx[2:]] = float("-inf")
+    return x.contiguous(memory_format=torch.channels_last).to(device)
+
+
+def mismatches(out: torch.Tensor, x: torch.Tensor, kernel, stride, padding) -> float:
+    want = torch.nn.functional.max_pool2d(x.cpu(), kernel, stride, padding)
+    got = out.cpu()
+    if got.shape != want.shape or not got.is_contiguous(memory_format=torch.channels_last):
+        return float("inf")
+    same = (got == want) | (got.isnan() & want.isnan())
+    return float((~same).sum())
+
+
+def _case(name, shape, kernel=(3, 3), stride=(2, 2), padding=(1, 1)):
+    def make(device, dtype, gen):
+        return (make_input(shape, device, dtype, gen), kernel, stride, padding), {}
+
+    def check(out, args, kwargs, dtype):
+        return mismatches(out, *args), 0.0
+
+    return register(Case(op="max_pool2d_nhwc", name=name, make=make, check=check,
+                         dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64)))
+
+
+_case("stem 2x64x50x67", (2, 64, 50, 67))
+_case("odd C=5 3x5x17x9", (3, 5, 17, 9))
+_case("C=24 1x24x8x8 k2 s2 p0", (1, 24, 8, 8), (2, 2), (2, 2), (0, 0))
+_case("tiny 1x8x1x1", (1, 8, 1, 1))
