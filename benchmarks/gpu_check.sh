@@ -43,11 +43,11 @@ case "${PROFILE:-all}" in
     DEFAULT_STAGES="wheels build throw_check bench_step charts tests_new dali_check bench_data"
     # the decisive variants first (the stage's time limit keeps what finished): the two references, the fast
     # config's step as a graph (fast_cudnn_graph, the fastest of 2026-11-27), then one change each against it
-    # (bias_grad_mm; nhwc_pool; the trainable trunk weights folded per weight as before scale_many; no conv
-    # fusion), and last
+    # (bias_grad_mm; nhwc_pool; stem_pad_channels; the trainable trunk weights folded per weight as before
+    # scale_many; no conv fusion), and last
     # the fast step under torch.compile, whose compile time is the least certain
-    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_cudnn_graph,fast_bgrad_graph,fast_pool_graph,fast_cudnn_perconv_graph
-    DEFAULT_VARIANTS+=,fast_fused_graph,fast_compile_graph
+    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_cudnn_graph,fast_bgrad_graph,fast_pool_graph,fast_stem8_graph
+    DEFAULT_VARIANTS+=,fast_cudnn_perconv_graph,fast_fused_graph,fast_compile_graph
     # and training throughput over batches of different shapes (the graph variant pads them to fixed sizes)
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast_cudnn_graph
     DEFAULT_DEADLINE=470 ;;
@@ -62,8 +62,8 @@ case "${PROFILE:-all}" in
   all)
     DEFAULT_STAGES="wheels build throw_check dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast_cudnn_graph,fast_bgrad_graph,fast_pool_graph,fast_cudnn_perconv_graph
-    DEFAULT_VARIANTS+=,fast_fused_graph,fast_all
+    DEFAULT_VARIANTS=ref_tf32,fast_cudnn_graph,fast_bgrad_graph,fast_pool_graph,fast_stem8_graph
+    DEFAULT_VARIANTS+=,fast_cudnn_perconv_graph,fast_fused_graph,fast_all
     DEFAULT_VARIANTS+=,fast_graph,fast,fast_fused,fast_cudnn,fast_bgrad,fast_tuned,fast_cast,fast_proj,fast_ffn
     DEFAULT_VARIANTS+=,fast_bias,fast_norm,ref_fp32,ref_compile,fast_compile,fast_compile_graph
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast,fast_cudnn_graph

@@ -9,7 +9,7 @@ from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import cast_targets, flat_cast
-from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu
+from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu, pad_stem_channels
 from detr_fast.models.linear import bias_grad_mm
 from detr_fast.ops.pool import MaxPoolNHWC
 from detr_fast.models.position_encoding import PositionEmbeddingSine
@@ -95,6 +95,8 @@ def build_detr(cfg) -> DETR:
             fuse_bias_act(backbone)
             if m.conv_fusion:
                 fuse_conv_relu(backbone)
+    if m.stem_pad_channels:
+        pad_stem_channels(backbone, m.stem_pad_channels)
     if m.nhwc_pool and m.backbone != "light":
         backbone.body.maxpool = MaxPoolNHWC(backbone.body.maxpool)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))

@@ -109,6 +109,7 @@ class FoldedConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
         self.fused_relu = False
         self.cudnn_fusion = False  # set by fuse_conv_relu: cuDNN's fused conv + bias (+ residual) + ReLU on a GPU
+        self.pad_in = 0  # set by pad_stem_channels: input and weight zero-padded to this many input channels
         object.__setattr__(self, "_bn", bn)  # not a submodule: its buffers stay under the BN's own name
         self._cache: dict = {}  # name -> (key, value, pinned storages); not a buffer: the state dict is unchanged
         # (folded weight or None, scale [C, 1, 1, 1], shift, shift in the operand dtype or None): lent by TrunkFold
@@ -160,7 +161,27 @@ class FoldedConv2d(nn.Module):
         weight = self._cached("weight", (bn_key, _key(w), wdt), bufs + (w,), lambda: (w * scale.to(w.dtype)).to(wdt))
         return weight, shift
 
+    def _padded(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (in the convolution's operand dtype) and weight zero-padded along the input channels to self.pad_in
+        (pad_stem_channels), where nothing needs a gradient; the added products are zeros, so the convolution is
+        the same up to its summation order. Unchanged otherwise."""
+        c = x.shape[1]
+        if self.pad_in <= c or self.groups != 1 or weight.shape[1] != c or (
+                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return x, weight
+        x = x.to(autocast_dtype(x, self.weight))
+
+        def pad(t):
+            fmt = torch.channels_last if channels_last(t) else torch.contiguous_format
+            out = torch.empty((t.shape[0], self.pad_in, *t.shape[2:]), dtype=t.dtype, device=t.device,
+                              memory_format=fmt)
+            out[:, c:].zero_()
+            out[:, :c] = t
+            return out
+        return pad(x), pad(weight)
+
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x, weight = self._padded(x, weight)
         return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def conv_nobias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +208,7 @@ class FoldedConv2d(nn.Module):
             shift = combine(shift)
         # each a no-op where the tensor already has the dtype (the cached folded weight and cast shift do)
         x, weight, shift = x.to(dtype), weight.to(dtype), shift.to(dtype)
+        x, weight = self._padded(x, weight)
         residual = residual.to(dtype) if residual is not None else None
         conv = (self.stride, self.padding, self.dilation, self.groups)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, shift, residual)):
@@ -408,6 +430,20 @@ def fuse_bias_act(module: nn.Module) -> int:
         if isinstance(conv, FoldedConv2d) and isinstance(bn, FoldedFrozenBatchNorm2d) and isinstance(relu, nn.ReLU):
             conv.fused_relu = True
             parent.relu = nn.Identity()
+            count += 1
+    return count
+
+
+def pad_stem_channels(module: nn.Module, channels: int) -> int:
+    """Let the folded stem convolution of module (ResNet's conv1: 3 input channels) run on its input and weight
+    zero-padded to `channels` input channels where no gradient flows (model.stem_pad_channels): with 3 channels a
+    channels_last convolution's pixels are 6 bytes in bf16, off the 16-byte alignment tensor-core kernels load; at 8
+    they are 16. Exact up to the convolution's summation order. Returns the convolutions marked (0 or 1)."""
+    count = 0
+    for parent in module.modules():
+        conv = getattr(parent, "conv1", None) if isinstance(parent, (ResNet, IntermediateLayerGetter)) else None
+        if isinstance(conv, FoldedConv2d) and conv.weight.shape[1] < channels:
+            conv.pad_in = channels
             count += 1
     return count
 
