@@ -60,7 +60,8 @@ case "${PROFILE:-all}" in
     DEFAULT_MIXED=0 DEFAULT_MIXED_VARIANTS=
     DEFAULT_DEADLINE=470 ;;
   all)
-    DEFAULT_STAGES="wheels build throw_check dali_check validate tests bench_ops bench_assignment bench_attention bench_step charts bench_data"
+    DEFAULT_STAGES="wheels build throw_check dali_check validate tests bench_ops bench_assignment bench_attention"
+    DEFAULT_STAGES+=" bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
     DEFAULT_VARIANTS=ref_tf32,fast_cudnn_graph,fast_bgrad_graph,fast_pool_graph,fast_stem8_graph
     DEFAULT_VARIANTS+=,fast_cudnn_perconv_graph,fast_fused_graph,fast_all
@@ -176,7 +177,8 @@ run_stage() {  # run_stage NAME: one stage of $STAGES, with its time limit and c
     bench_attention) stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 \
                        --json "$OUT/bench_attention.json" ;;
     bench_step) stage bench_step 300 $PY benchmarks/bench_step.py --device cuda --variants "$STEP_VARIANTS" \
-                  --iters "${STEP_ITERS:-20}" --breakdown --top-kernels 25 --count-ops "${MIXED_ARGS[@]}" --json "$OUT/bench_step.json" ;;
+                  --iters "${STEP_ITERS:-20}" --breakdown --top-kernels 25 --count-ops "${MIXED_ARGS[@]}" \
+                  --json "$OUT/bench_step.json" ;;
     charts)  # PNG charts of the kernel speedups and the step breakdown, from whichever JSON exists by then
       local args=()
       [ -f "$OUT/bench_ops.json" ] && args+=(--ops "$OUT/bench_ops.json")

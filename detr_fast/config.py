@@ -233,8 +233,8 @@ def validate(cfg: Config) -> Config:
                           f"(it fuses the folded FrozenBatchNorm's bias into the ResNet blocks); got fold_bn="
                           f"{str(m.fold_bn).lower()}, frozen_bn={str(m.frozen_bn).lower()}, backbone={m.backbone}")
     if m.stem_pad_channels and not (m.fold_bn and m.frozen_bn and m.backbone != "light"):
-        raise ConfigError("model.stem_pad_channels needs model.fold_bn=true, model.frozen_bn=true and a resnet backbone "
-                          "(it pads the folded stem convolution)")
+        raise ConfigError("model.stem_pad_channels needs model.fold_bn=true, model.frozen_bn=true and a resnet "
+                          "backbone (it pads the folded stem convolution)")
     if m.stem_pad_channels < 0:
         raise ConfigError(f"model.stem_pad_channels must be >= 0, got {m.stem_pad_channels}")
     if m.conv_fusion and not m.fused_bias_act:

@@ -11,9 +11,9 @@ from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import cast_targets, flat_cast
 from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu, pad_stem_channels
 from detr_fast.models.linear import bias_grad_mm
-from detr_fast.ops.pool import MaxPoolNHWC
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
+from detr_fast.ops.pool import MaxPoolNHWC
 
 
 class MLP(nn.Module):

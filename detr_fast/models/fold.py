@@ -256,10 +256,9 @@ class TrunkFold:
     their scales, and written in the operand dtype, by one more launch (detr_fast.ops.scale_many, whose backward
     brings all their gradients back in one), where each weight once took a product of its own each way (84 launches
     for ResNet-50's layers 2-4). About fifteen kernels in all, every one reading the buffers themselves, as the
-    captured graph must. The values
-    are bit-identical to the per-convolution path. Eager forwards keep the caches (no kernels at all) and
-    torch.compile traces the per-convolution path; TrunkFold also stands aside when the BatchNorms do not share one
-    eps and the weights' dtype and device, or when their buffers require gradients."""
+    captured graph must. The values are bit-identical to the per-convolution path. Eager forwards keep the caches
+    (no kernels at all) and torch.compile traces the per-convolution path; TrunkFold also stands aside when the
+    BatchNorms do not share one eps and the weights' dtype and device, or when their buffers require gradients."""
 
     def __init__(self, module: nn.Module):
         self.convs = [m for m in module.modules() if isinstance(m, FoldedConv2d)]
