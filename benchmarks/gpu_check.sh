@@ -156,6 +156,8 @@ have_dali() { [ "$DRY_RUN" = 1 ] || $PY -c "import nvidia.dali" 2>/dev/null; }
 NEW_TESTS="tests/test_graphs.py tests/test_fast_path.py tests/test_fused_backbone.py tests/test_flat_cast.py
   tests/test_packed_proj.py tests/test_layernorm.py tests/test_bias_act.py tests/test_relu_dropout.py tests/test_attention.py tests/test_engine.py
   tests/test_box_ops.py tests/test_assignment.py tests/test_dali.py tests/test_dali_engine.py tests/test_data.py"
+BENCH_OPS=matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout
+BENCH_OPS+=,scale_many,max_pool2d_nhwc
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end|relu_dropout enc FFN"}
 
@@ -170,8 +172,7 @@ run_stage() {  # run_stage NAME: one stage of $STAGES, with its time limit and c
              $XDIST tests ;;
     tests_new) stage tests_new 210 $PY -m pytest -q -m needs_cuda -p no:cacheprovider -rfE $XDIST $NEW_TESTS ;;
     dali_check) have_dali && stage dali_check 200 dali_check ;;
-    bench_ops) stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda \
-                 --ops matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout \
+    bench_ops) stage bench_ops 200 $PY benchmarks/bench_ops.py --device cuda --ops "$BENCH_OPS" \
                  --compile-filter "$COMPILE_FILTER" --json "$OUT/bench_ops.json" ;;
     bench_assignment) stage bench_assignment 120 $PY benchmarks/bench_assignment.py --device cuda --quick ;;
     bench_attention) stage bench_attention 150 $PY benchmarks/bench_attention.py --iters 20 \

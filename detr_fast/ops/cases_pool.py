@@ -27,18 +27,23 @@ def mismatches(out: torch.Tensor, x: torch.Tensor, kernel, stride, padding) -> f
     return float((~same).sum())
 
 
-def _case(name, shape, kernel=(3, 3), stride=(2, 2), padding=(1, 1)):
+def _case(name, shape, kernel=(3, 3), stride=(2, 2), padding=(1, 1),
+          dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64), tags=(), devices=("cpu", "cuda")):
     def make(device, dtype, gen):
         return (make_input(shape, device, dtype, gen), kernel, stride, padding), {}
 
     def check(out, args, kwargs, dtype):
         return mismatches(out, *args), 0.0
 
-    return register(Case(op="max_pool2d_nhwc", name=name, make=make, check=check,
-                         dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64)))
+    return register(Case(op="max_pool2d_nhwc", name=name, make=make, check=check, dtypes=dtypes, tags=tags,
+                         devices=devices))
 
 
 _case("stem 2x64x50x67", (2, 64, 50, 67))
 _case("odd C=5 3x5x17x9", (3, 5, 17, 9))
 _case("C=24 1x24x8x8 k2 s2 p0", (1, 24, 8, 8), (2, 2), (2, 2), (0, 0))
 _case("tiny 1x8x1x1", (1, 8, 1, 1))
+
+# Benchmark: the ResNet-50 stem's pool in DETR's step (batch 8 padded to 800x1333, bf16 channels_last); the reference
+# is torch's max_pool2d on the same tensor
+_case("stem 8x64x400x667", (8, 64, 400, 667), dtypes=(torch.bfloat16,), tags=("bench",), devices=("cuda",))
