@@ -4,7 +4,7 @@ host emulator (test_cuda_emulated.py) and on a GPU in the needs_cuda cases."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cpu_and_cuda, run_registry_cases
+from helpers import cpu_and_cuda, registry_results
 
 from detr_fast.ops import has_kernel, max_pool2d_nhwc
 from detr_fast.ops.cases_pool import make_input, mismatches
@@ -47,7 +47,9 @@ def test_bad_inputs(device):
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_registry_cases(device):
-    run_registry_cases("max_pool2d_nhwc", device, count=4, seed=700)
+    results = registry_results("max_pool2d_nhwc", device, seed=700)
+    assert len({r.case for r in results}) == 4
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
 
 
 def test_module_takes_the_kernel_only_where_it_applies(monkeypatch):

@@ -4,7 +4,7 @@ ScaleMany's backward. The CUDA kernel runs here through the host emulator (test_
 needs_cuda tests below."""
 import pytest
 import torch
-from helpers import cpu_and_cuda, run_registry_cases
+from helpers import cpu_and_cuda, registry_results
 
 from detr_fast.ops import has_kernel, reference, scale_many
 from detr_fast.ops.scale import ScaleMany
@@ -134,4 +134,6 @@ def test_fake_tensors_keep_shapes_and_layouts():
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
 def test_registry_cases(device):
-    run_registry_cases("scale_many", device, count=4, seed=500)
+    results = registry_results("scale_many", device, seed=500)
+    assert len({r.case for r in results}) == 4
+    assert all(r.passed for r in results), [r for r in results if not r.passed]

@@ -21,15 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from detr_fast.models import fold
 from detr_fast.models.cast import autocast_dtype
 
 # a row of ones per (device, dtype), grown to the largest row count seen and sliced; not made while a CUDA graph is
 # captured (a capture makes its own, freed after the backward)
 _ONES: dict = {}
-
-
-def _capturing(t: torch.Tensor) -> bool:
-    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def ones_row(n: int, like: torch.Tensor) -> torch.Tensor:
@@ -38,7 +35,7 @@ def ones_row(n: int, like: torch.Tensor) -> torch.Tensor:
     buf = _ONES.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.ones(max(n, 1024), dtype=like.dtype, device=like.device)
-        if not _capturing(like):
+        if not fold._capturing(like):
             _ONES[key] = buf
     return buf[:n].view(1, n)
 
