@@ -28,6 +28,11 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
                 eager and as one CUDA graph
   fast_pool_graph   fast_cudnn_graph with model.nhwc_pool (the stem's max pool by detr_fast.ops.max_pool2d_nhwc)
   fast_stem8_graph   fast_cudnn_graph with model.stem_pad_channels=8 (the stem convolution on 8 input channels)
+  fast_rgrad_graph   fast_cudnn_graph with model.residual_grad_fusion (each joint between the blocks of a ResNet stage
+                sums and masks its two gradients in one relu_backward_sum pass)
+  fast_next_graph   fast_cudnn_graph with all five changes not yet timed on a GPU together: bias_grad_mm, nhwc_pool,
+                stem_pad_channels=8, residual_grad_fusion and (as in fast_cudnn_graph) the trainable weights folded by
+                scale_many
   fast_cudnn_perconv_graph   fast_cudnn_graph with the trainable trunk weights folded one product per weight each
                 way instead of one scale_many launch (models/fold.py TRAINABLE_SCALE_MANY; the same values)
 cuDNN autotuning is off in every other variant, as in the public reference.
@@ -107,6 +112,12 @@ VARIANTS = {
                             tf32=True, compile=False, **FUSIONS, conv_fusion=True, nhwc_pool=True, graph=True),
     "fast_stem8_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                              tf32=True, compile=False, **FUSIONS, conv_fusion=True, stem_pad_channels=8, graph=True),
+    "fast_rgrad_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                             tf32=True, compile=False, **FUSIONS, conv_fusion=True, residual_grad_fusion=True,
+                             graph=True),
+    "fast_next_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                            tf32=True, compile=False, **FUSIONS, conv_fusion=True, bias_grad_mm=True, nhwc_pool=True,
+                            stem_pad_channels=8, residual_grad_fusion=True, graph=True),
     "fast_cudnn_perconv_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True,
                                      amp="bf16", tf32=True, compile=False, **FUSIONS, conv_fusion=True, graph=True,
                                      trainable_scale_many=False),
@@ -224,7 +235,8 @@ def build(cfg_overrides, variant, device):
     sets = list(cfg_overrides) + [f"model.kernels={v['kernels']}", f"model.attention={v['attention']}",
                                   f"model.fold_bn={str(v['fold_bn']).lower()}",
                                   f"model.channels_last={str(v['channels_last']).lower()}"]
-    for key in list(FUSIONS) + ["conv_fusion", "bias_grad_mm", "nhwc_pool", "stem_pad_channels"]:
+    for key in list(FUSIONS) + ["conv_fusion", "bias_grad_mm", "nhwc_pool", "stem_pad_channels",
+                                "residual_grad_fusion"]:
         if key in v:
             sets.append(f"model.{key}={str(v[key]).lower()}")
     cfg = load_config(None, sets)

@@ -68,6 +68,10 @@ TORCH_LIBRARY(detr_fast, m) {
   // x [N, C, ...] float; bias [C] in x's dtype or float32; residual with x's shape and dtype. out: x's shape and
   // dtype, channels_last when x is. The backward is torch's threshold_backward and sum (detr_fast/ops/bias_act.py).
   m.def("bias_act(Tensor x, Tensor bias, Tensor? residual, bool relu) -> Tensor");
+  // The gradient of a ReLU's output that reaches it along two paths, summed and masked in one pass: (grad_a + grad_b)
+  // rounded to their dtype, 0 where out <= 0; as threshold_backward(grad_a + grad_b, out, 0). All three of one shape,
+  // dtype and device; the result in out's layout (channels_last when out is). model.residual_grad_fusion.
+  m.def("relu_backward_sum(Tensor grad_a, Tensor grad_b, Tensor out) -> Tensor");
 
   // Per-channel scaling of many tensors in one pass (csrc/scale): out[k] = xs[k] * scale[channels of k] in dtype,
   // each tensor's dimension 0 its channel (outermost in memory: contiguous or channels_last), tensor k's channels

@@ -43,6 +43,9 @@ class ModelConfig:
     # with fused_bias_act, on a GPU: each trunk convolution with its bias (+ residual) + ReLU as one cuDNN call, one
     # pass fewer over each activation (equal to rounding; a backward of our own where gradients flow)
     conv_fusion: bool = False
+    # with fused_bias_act: inside each ResNet stage, a block input's two gradients (its first convolution's and the
+    # residual's) summed and masked by the previous block's ReLU in one pass instead of two (bit-identical)
+    residual_grad_fusion: bool = False
     # under autocast: the transformer's and heads' matrix weights cast in one kernel per forward and their gradients
     # in one per backward, instead of one per weight and use (bit-identical)
     flat_cast: bool = False
@@ -237,6 +240,9 @@ def validate(cfg: Config) -> Config:
                           "backbone (it pads the folded stem convolution)")
     if m.stem_pad_channels < 0:
         raise ConfigError(f"model.stem_pad_channels must be >= 0, got {m.stem_pad_channels}")
+    if m.residual_grad_fusion and not m.fused_bias_act:
+        raise ConfigError("model.residual_grad_fusion needs model.fused_bias_act=true (it chains the fused ResNet "
+                          "blocks)")
     if m.conv_fusion and not m.fused_bias_act:
         raise ConfigError("model.conv_fusion needs model.fused_bias_act=true (it runs the fused blocks' convolutions "
                           "through cuDNN)")

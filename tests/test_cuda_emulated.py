@@ -1,6 +1,6 @@
-"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, scale_many, max_pool2d_nhwc, linear_assignment,
-matching_cost, box_loss and attention, run on the CPU through the host emulator of tests/emulator/, here and in CI;
-and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
+"""The CUDA kernels of add_dropout_layernorm, relu_dropout, bias_act, relu_backward_sum, scale_many, max_pool2d_nhwc,
+linear_assignment, matching_cost, box_loss and attention, run on the CPU through the host emulator of tests/emulator/,
+here and in CI; and the same kernels under ThreadSanitizer (tests/emulator/race_check.py).
 
 The emulator compiles the kernel headers (csrc/*/*_kernels.cuh, attention_launch.cuh) for the host: each CUDA
 thread is a fiber, __syncthreads and warp shuffles are barriers, atomics are std::atomic_ref, and the launchers run
@@ -29,6 +29,7 @@ from detr_fast.ops.assignment import check_assignment
 from detr_fast.ops.cases_assignment import FAMILIES, REL_TOL, make_costs, totals
 from detr_fast.ops.cases_attention import LOW_PRECISION, compare
 from detr_fast.ops.cases_bias_act import make_inputs as bias_act_inputs
+from detr_fast.ops.cases_bias_act import make_sum_inputs
 from detr_fast.ops.cases_bias_act import references as bias_act_references
 from detr_fast.ops.cases_bias_act import same_layout
 from detr_fast.ops.cases_layernorm import make_inputs as ln_inputs
@@ -292,6 +293,37 @@ def test_bias_act_unaligned_and_grid_stride(emu):
     for cl in (False, True):
         x, bias, r = bias_act_inputs((8, 32, 24, 24), "cpu", torch.bfloat16, gen, channels_last=cl)
         _bias_act_check(emu, x, bias, r, True, sms=1)
+
+
+# ---- relu_backward_sum ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,out_cl,grads_cl", [
+    ((2, 3, 5, 7), False, None), ((2, 3, 5, 7), True, None), ((3, 16, 9, 11), True, False), ((2, 8, 5, 5), False, True),
+    ((4, 37), False, None), ((1003,), False, None), ((0, 16, 4, 4), True, None), ((2, 16, 0, 5), False, None)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_relu_backward_sum_matches_reference(emu, shape, out_cl, grads_cl, dtype):
+    """Bit for bit the reference's sum and mask, in out's layout; sizes with a tail past the last 16-byte vector."""
+    gen = torch.Generator().manual_seed(hash((shape, out_cl, grads_cl)) % 2**31)
+    a, b, out = make_sum_inputs(shape, "cpu", dtype, gen, out_cl, grads_cl)
+    got = emu.relu_backward_sum(a, b, out)
+    assert got.dtype == dtype and same_layout(got, out)
+    assert torch.equal(got, reference.relu_backward_sum(a, b, out))
+
+
+def test_relu_backward_sum_unaligned_and_grid_stride(emu):
+    """A gradient starting off a 16-byte boundary takes the one-element path; sms=1 with many vectors makes both
+    loops go round; NaN in out lets the sum through as threshold_backward does."""
+    gen = torch.Generator().manual_seed(6)
+    n = 8 * 32 * 24 * 24 + 3
+    for dtype in (torch.bfloat16, torch.float32):
+        a = torch.randn(n + 1, generator=gen).to(dtype)[1:]
+        assert a.data_ptr() % 16 != 0
+        b, out = torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).relu().to(dtype)
+        out[::97] = float("nan")
+        for x in (a, a.clone()):
+            got = emu.relu_backward_sum(x, b, out, sms=1)
+            want = reference.relu_backward_sum(x, b, out)
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 # ---- scale_many --------------------------------------------------------------------------------------------------

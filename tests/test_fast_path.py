@@ -28,7 +28,7 @@ def _loss_and_grads(variant, state, batch, extra=()):
 @pytest.mark.parametrize("extra", [(), ("model.fused_norm=true",), ("model.fused_bias_act=true",),
                                    ("model.packed_proj=true",),
                                    ("model.fused_norm=true", "model.fused_bias_act=true", "model.packed_proj=true",
-                                    "model.fused_ffn=true")],
+                                    "model.fused_ffn=true", "model.residual_grad_fusion=true")],
                          ids=["plain", "fused_norm", "fused_bias_act", "packed_proj", "fused_all"])
 def test_fast_path_equals_reference_path_in_fp32(extra):
     torch.manual_seed(0)
@@ -101,6 +101,7 @@ def test_fast_step_reads_nothing_back_to_the_host():
     # fused norm and FFN activation, dropout drawn too
     _step("fast_fp32", batch, ("model.fused_norm=true", "model.fused_ffn=true", "model.dropout=0.1"))
     _step("fast_fp32", batch, ("model.fused_bias_act=true",))  # fused trunk, its cached folded BatchNorm
+    _step("fast_fp32", batch, ("model.fused_bias_act=true", "model.residual_grad_fusion=true"))  # chained stages
     # bf16 autocast with the one-pass weight cast and the packed projections
     _step("fast", batch, ("model.flat_cast=true", "model.packed_proj=true"), amp=True)
     _step("fast", batch, ("model.flat_cast=true", "model.bias_grad_mm=true"), amp=True)  # bias grads as products
@@ -127,7 +128,8 @@ def test_bench_step_counts_operators(tmp_path):
 
 
 @pytest.mark.parametrize("extra", [("model.fused_norm=true", "model.fused_bias_act=true", "model.flat_cast=true",
-                                    "model.packed_proj=true", "model.fused_ffn=true")], ids=["fused_all"])
+                                    "model.packed_proj=true", "model.fused_ffn=true", "model.residual_grad_fusion=true")],
+                         ids=["fused_all"])
 def test_whole_model_under_torch_compile(extra):
     """torch.compile (aot_eager: Dynamo and AOTAutograd, no code generation) traces the fast model with every fusion
     under bf16 autocast: its caches and one-pass casts stand aside while tracing; loss and gradients equal the eager

@@ -28,8 +28,11 @@ FUSED = ("model.flat_cast=true", "model.packed_proj=true", "model.fused_norm=tru
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("amp,extra", [("none", ()), ("bf16", ()), ("bf16", FUSED),
                                        ("bf16", FUSED + ("model.conv_fusion=true",)),
-                                       ("bf16", FUSED + ("model.bias_grad_mm=true",))],
-                         ids=["none", "bf16", "bf16_fused", "bf16_fused_cudnn", "bf16_fused_bias_grad_mm"])
+                                       ("bf16", FUSED + ("model.bias_grad_mm=true",)),
+                                       ("bf16", FUSED + ("model.conv_fusion=true", "model.residual_grad_fusion=true",
+                                                         "model.nhwc_pool=true", "model.stem_pad_channels=8"))],
+                         ids=["none", "bf16", "bf16_fused", "bf16_fused_cudnn", "bf16_fused_bias_grad_mm",
+                              "bf16_fused_cudnn_rgrad_pool_stem8"])
 def test_graphed_step_equals_eager_steps(amp, extra):
     """Same initial weights, the same 3 warm-up steps, then 3 more steps eagerly and as graph replays on new batches
     of the captured shape: the same losses and the same weights at the end (with every fusion too: the captured

@@ -35,6 +35,42 @@ inline void check_bias_act_inputs(const at::Tensor& x, const at::Tensor& bias,
   }
 }
 
+// detr_fast::relu_backward_sum: grad_a, grad_b and out of one shape, dtype (float32/float64/float16/bfloat16) and
+// device; the result takes out's layout (channels_last when out is, contiguous otherwise), the gradients are brought to
+// it.
+inline void check_relu_backward_sum_inputs(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& out) {
+  const char* op = "relu_backward_sum";
+  const at::ScalarType dt = out.scalar_type();
+  DETR_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+             ": out must be float32, float64, float16 or bfloat16, got ", dt);
+  DETR_CHECK(grad_a.sizes() == out.sizes() && grad_b.sizes() == out.sizes(), op,
+             ": grad_a, grad_b and out must have one shape, got ", grad_a.sizes(), ", ", grad_b.sizes(), " and ",
+             out.sizes());
+  DETR_CHECK(grad_a.scalar_type() == dt && grad_b.scalar_type() == dt, op,
+             ": grad_a, grad_b and out must have one dtype, got ", grad_a.scalar_type(), ", ", grad_b.scalar_type(),
+             " and ", dt);
+  check_same_device(out, grad_a, "relu_backward_sum: out", "grad_a");
+  check_same_device(out, grad_b, "relu_backward_sum: out", "grad_b");
+}
+
+// grad_a, grad_b, out and the result in out's layout, every one dense in it: the op is then a flat pass.
+struct ReluBackwardSumLayout {
+  at::Tensor a, b, out, result;
+};
+
+inline ReluBackwardSumLayout relu_backward_sum_layout(const at::Tensor& grad_a, const at::Tensor& grad_b,
+                                                      const at::Tensor& out) {
+  const bool channels_last =
+      out.dim() == 4 && !out.is_contiguous() && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const at::MemoryFormat fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  ReluBackwardSumLayout l;
+  l.a = grad_a.contiguous(fmt);
+  l.b = grad_b.contiguous(fmt);
+  l.out = out.contiguous(fmt);
+  l.result = at::empty(out.sizes(), out.options().memory_format(fmt));
+  return l;
+}
+
 // x, residual and the output in one layout, and x viewed as [outer, C, inner].
 struct BiasActLayout {
   at::Tensor x, residual, out;  // residual undefined when absent

@@ -1,6 +1,6 @@
-// CPU kernel of detr_fast::bias_act: x viewed as [outer, C, inner]; parallel over rows of C values (inner == 1,
-// channels_last or [N, C]) or over lines of `inner` values that share one channel (contiguous NCHW), with
-// at::parallel_for. Math in common/bias_act_math.h.
+// CPU kernels of detr_fast::bias_act and relu_backward_sum, with at::parallel_for. Math in common/bias_act_math.h.
+// bias_act: x viewed as [outer, C, inner]; parallel over rows of C values (inner == 1, channels_last or [N, C]) or
+// over lines of `inner` values that share one channel (contiguous NCHW). relu_backward_sum: one flat pass.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
@@ -58,7 +58,28 @@ at::Tensor bias_act_cpu(const at::Tensor& x_in, const at::Tensor& bias, const st
   return l.out;
 }
 
+at::Tensor relu_backward_sum_cpu(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& out) {
+  check_relu_backward_sum_inputs(grad_a, grad_b, out);
+  ReluBackwardSumLayout l = relu_backward_sum_layout(grad_a, grad_b, out);
+  const int64_t n = l.out.numel();
+  if (n == 0) return l.result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, l.out.scalar_type(), "relu_backward_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* a = l.a.const_data_ptr<scalar_t>();
+    const scalar_t* b = l.b.const_data_ptr<scalar_t>();
+    const scalar_t* o = l.out.const_data_ptr<scalar_t>();
+    scalar_t* r = l.result.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) r[i] = relu_backward_sum_value<acc_t>(a[i], b[i], o[i]);
+    });
+  });
+  return l.result;
+}
+
 }  // namespace
 }  // namespace detr_fast
 
-TORCH_LIBRARY_IMPL(detr_fast, CPU, m) { m.impl("bias_act", &detr_fast::bias_act_cpu); }
+TORCH_LIBRARY_IMPL(detr_fast, CPU, m) {
+  m.impl("bias_act", &detr_fast::bias_act_cpu);
+  m.impl("relu_backward_sum", &detr_fast::relu_backward_sum_cpu);
+}

@@ -1,5 +1,5 @@
-// CUDA entry point of detr_fast::bias_act: argument checks and the device guard, then the launcher of
-// bias_act_kernels.cuh on the current stream.
+// CUDA entry points of detr_fast::bias_act and relu_backward_sum: argument checks and the device guard, then the
+// launchers of bias_act_kernels.cuh on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,7 +18,17 @@ at::Tensor bias_act_cuda(const at::Tensor& x, const at::Tensor& bias, const std:
   return bias_act_launch(x, bias, residual, relu, ctx);
 }
 
+at::Tensor relu_backward_sum_cuda(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& out) {
+  check_relu_backward_sum_inputs(grad_a, grad_b, out);
+  c10::cuda::CUDAGuard guard(out.device());
+  const LaunchCtx ctx{c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+  return relu_backward_sum_launch(grad_a, grad_b, out, ctx);
+}
+
 }  // namespace
 }  // namespace detr_fast
 
-TORCH_LIBRARY_IMPL(detr_fast, CUDA, m) { m.impl("bias_act", &detr_fast::bias_act_cuda); }
+TORCH_LIBRARY_IMPL(detr_fast, CUDA, m) {
+  m.impl("bias_act", &detr_fast::bias_act_cuda);
+  m.impl("relu_backward_sum", &detr_fast::relu_backward_sum_cuda);
+}

@@ -22,3 +22,16 @@ DF_HD acc_t bias_act_value(acc_t x, acc_t b, acc_t r, bool relu) {
 }
 
 }  // namespace detr_fast
+
+namespace detr_fast {
+
+// One value of detr_fast::relu_backward_sum: the gradient reaching a ReLU's output along two paths (a and b), summed
+// and masked by that output, as autograd's sum followed by threshold_backward(a + b, out, 0) gives it: the sum
+// rounded once to the tensors' dtype (round), then 0 where out <= 0 (a NaN out lets the sum through).
+template <typename acc_t, typename scalar_t>
+DF_HD scalar_t relu_backward_sum_value(scalar_t a, scalar_t b, scalar_t out) {
+  const scalar_t sum = static_cast<scalar_t>(static_cast<acc_t>(a) + static_cast<acc_t>(b));
+  return static_cast<acc_t>(out) <= acc_t(0) ? scalar_t(0) : sum;
+}
+
+}  // namespace detr_fast

@@ -9,7 +9,8 @@ from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import cast_targets, flat_cast
-from detr_fast.models.fold import TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu, pad_stem_channels
+from detr_fast.models.fold import (TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu, fuse_residual_grad,
+                                   pad_stem_channels)
 from detr_fast.models.linear import bias_grad_mm
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
@@ -95,6 +96,8 @@ def build_detr(cfg) -> DETR:
             fuse_bias_act(backbone)
             if m.conv_fusion:
                 fuse_conv_relu(backbone)
+            if m.residual_grad_fusion:
+                fuse_residual_grad(backbone)
     if m.stem_pad_channels:
         pad_stem_channels(backbone, m.stem_pad_channels)
     if m.nhwc_pool and m.backbone != "light":

@@ -32,6 +32,15 @@ rounding. The two operators have no backward: where no gradient flows (DETR's fr
 everything under torch.no_grad) they are called as they are; elsewhere _ConvBiasReLU gives them one (the ReLU's mask
 from the saved output, then the convolution's own backward: what autograd runs for the unfused path). On the CPU
 and while torch.compile traces, the bias_act path runs.
+
+fuse_residual_grad (model.residual_grad_fusion, after fuse_bias_act) shortens the backward at the joints between the
+blocks of each ResNet stage. A block's input x, the previous block's ReLU output, feeds two consumers: the first
+convolution and the residual (or the downsample). Autograd sums their two gradients in one pass over the activation
+and the previous block's backward then masks the sum with its ReLU in another: six passes of reads and writes. In a
+ResidualGradChain each inner block's last ReLU leaves its mask to the next block, which forks its input into two
+aliases (_ForkReLUGrad) whose backward sums and masks the two gradients in one detr_fast.ops.relu_backward_sum pass:
+four. The values are bit-identical. Only the blocks inside one stage are chained, since a stage's output may be
+returned as a feature; a stage whose blocks carry hooks, and torch.compile's tracing, run the plain path.
 """
 from __future__ import annotations
 
@@ -42,12 +51,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_fast.models.cast import autocast_dtype, channels_last, flatten, unflatten
-from detr_fast.ops import bias_act
+from detr_fast.ops import bias_act, relu_backward_sum
 from detr_fast.ops.scale import ScaleMany
 
 
@@ -195,13 +205,18 @@ class FoldedConv2d(nn.Module):
         return self.cudnn_fusion and x.is_cuda and not torch.compiler.is_compiling()
 
     def conv_bias_relu(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                       combine: Callable | None = None) -> torch.Tensor:
+                       combine: Callable | None = None, mask_grad: bool = True) -> torch.Tensor:
         """relu(conv(x, W * s) + t (+ residual)): one cuDNN call where uses_cudnn, else the convolution without bias
-        and one bias_act pass; combine(t) -> the bias to add instead of t (a downsample's bias joined to it)."""
+        and one bias_act pass; combine(t) -> the bias to add instead of t (a downsample's bias joined to it).
+        mask_grad=False: the backward takes the gradient of the output as already masked by the ReLU (the output's
+        one consumer masks it: _ForkReLUGrad); the forward is the same."""
         if not self.uses_cudnn(x):
             y, shift = self.conv_nobias(x)
             shift = combine(shift) if combine is not None else shift
-            return bias_act(y, shift, residual=residual.to(y.dtype) if residual is not None else None, relu=True)
+            residual = residual.to(y.dtype) if residual is not None else None
+            if not mask_grad and torch.is_grad_enabled():
+                return _BiasReLUMaskedGrad.apply(y, shift, residual)
+            return bias_act(y, shift, residual=residual, relu=True)
         dtype = autocast_dtype(x, self.weight)
         weight, shift = self._folded(x, cast_shift=combine is None)
         if combine is not None:
@@ -212,7 +227,7 @@ class FoldedConv2d(nn.Module):
         residual = residual.to(dtype) if residual is not None else None
         conv = (self.stride, self.padding, self.dilation, self.groups)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, shift, residual)):
-            return _ConvBiasReLU.apply(x, weight, shift, residual, *conv)
+            return _ConvBiasReLU.apply(x, weight, shift, residual, *conv, mask_grad)
         return _cudnn_forward(x, weight, shift, residual, *conv)
 
     def forward(self, x):
@@ -392,15 +407,22 @@ class BiasActBlock(nn.Module):
         self._bias_sum = ()
         return super()._apply(*args, **kwargs)
 
-    def forward(self, x):
+    def forward(self, x, raw_in: bool = False, raw_out: bool = False):
+        """raw_in: x is the previous block's output left unmasked for its gradient (raw_out there): its two uses go
+        through _ForkReLUGrad, which masks their summed gradient. raw_out: the same for this block's output, whose
+        one consumer must then be the next block with raw_in (ResidualGradChain)."""
         convs = [getattr(self, f"conv{i}") for i in range(1, self.n_convs + 1)]
-        y = x
+        x_main = x_side = x
+        if raw_in and torch.is_grad_enabled() and x.requires_grad:
+            x_main, x_side = _ForkReLUGrad.apply(x)
+        y = x_main
         for conv in convs[:-1]:
             y = conv.conv_bias_relu(y)
         if self.downsample is None:
-            return convs[-1].conv_bias_relu(y, residual=x)
-        identity, t = self.downsample[0].conv_nobias(x)  # its bias joins the last convolution's
-        return convs[-1].conv_bias_relu(y, residual=identity, combine=lambda s: self._combined_bias(s, t))
+            return convs[-1].conv_bias_relu(y, residual=x_side, mask_grad=not raw_out)
+        identity, t = self.downsample[0].conv_nobias(x_side)  # its bias joins the last convolution's
+        return convs[-1].conv_bias_relu(y, residual=identity, combine=lambda s: self._combined_bias(s, t),
+                                        mask_grad=not raw_out)
 
 
 def _is_folded_block(block: nn.Module) -> bool:
@@ -462,6 +484,88 @@ def fuse_conv_relu(module: nn.Module) -> int:
     return len(convs)
 
 
+class ResidualGradChain(nn.Sequential):
+    """A ResNet stage (its BiasActBlocks, under their names: the state dict is unchanged) whose inner joints sum and
+    mask their two gradients in one pass (fuse_residual_grad): each block but the last leaves its output's ReLU mask
+    to the next block. Runs the plain path, every block masking its own output, under torch.compile's tracing, with
+    gradients off (the forward is the same either way) and when a block carries a forward hook, which would see the
+    unmasked outputs."""
+
+    def _hooked(self) -> bool:
+        glob = torch.nn.modules.module
+        return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks) or any(
+            b._forward_hooks or b._forward_pre_hooks for b in self)
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or self._hooked():
+            return super().forward(x)
+        last = len(self) - 1
+        for i, block in enumerate(self):
+            x = block(x, raw_in=i > 0, raw_out=i < last)
+        return x
+
+
+def fuse_residual_grad(module: nn.Module) -> int:
+    """Turn every stage of module (an nn.Sequential of two or more BiasActBlocks) into a ResidualGradChain, in place,
+    after fuse_bias_act (and fuse_conv_relu, with which it composes). Returns the joints fused (blocks - 1 per
+    stage). State-dict keys and values are unchanged."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Sequential and len(child) > 1 and all(isinstance(b, BiasActBlock) for b in child):
+                chain = ResidualGradChain()
+                for bname, block in child.named_children():
+                    chain.add_module(bname, block)
+                setattr(parent, name, chain)
+                count += len(chain) - 1
+    return count
+
+
+class _ForkReLUGrad(torch.autograd.Function):
+    """x (a ReLU's output whose producer leaves the mask to this node) -> two aliases of x, one per consumer; backward:
+    their two gradients summed and masked by x > 0 in one pass (relu_backward_sum), bit for bit what autograd's sum
+    and the ReLU's threshold_backward give. x is saved by the first convolution anyway: no memory is added."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x)
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_a, grad_b):
+        (x,) = ctx.saved_tensors
+        if grad_a is None or grad_b is None:
+            g = grad_a if grad_b is None else grad_b
+            return None if g is None else torch.ops.aten.threshold_backward(g, x, 0)
+        if grad_a.dtype != x.dtype or grad_b.dtype != x.dtype:  # not on the trunk's path; kept exact all the same
+            return torch.ops.aten.threshold_backward(grad_a + grad_b, x, 0)
+        return relu_backward_sum(grad_a, grad_b, x)
+
+
+class _BiasReLUMaskedGrad(torch.autograd.Function):
+    """relu(y + bias + residual) by bias_act, for an output whose consumer masks its gradient (_ForkReLUGrad): the
+    backward passes the incoming gradient on to y and residual as it is, and its channel sums to the bias; bias_act's
+    own backward would mask it a second time (the same values, one more pass)."""
+
+    @staticmethod
+    def forward(ctx, y, bias, residual):
+        ctx.has_residual = residual is not None
+        ctx.bias_dtype = bias.dtype
+        return bias_act(y, bias, residual=residual, relu=True)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            dims = [d for d in range(grad.dim()) if d != 1]
+            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            grad_bias = grad.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
+        return grad, grad_bias, grad if ctx.has_residual and ctx.needs_input_grad[2] else None
+
+
 def _cudnn_forward(x, weight, bias, residual, stride, padding, dilation, groups):
     """relu(conv2d(x, weight, bias) + residual) by cuDNN's fused operators (no backward of their own)."""
     if residual is None:
@@ -471,13 +575,15 @@ def _cudnn_forward(x, weight, bias, residual, stride, padding, dilation, groups)
 
 class _ConvBiasReLU(torch.autograd.Function):
     """out = relu(conv2d(x, weight, bias) + residual) forward by _cudnn_forward; backward: g * (out > 0), then the
-    convolution's backward for x and weight, the channel sums for the bias, g * (out > 0) itself for the residual."""
+    convolution's backward for x and weight, the channel sums for the bias, g * (out > 0) itself for the residual.
+    mask_grad=False: g is the incoming gradient itself (already masked by the output's consumer)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, residual, stride, padding, dilation, groups, mask_grad=True):
         out = _cudnn_forward(x, weight, bias, residual, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, out)
+        ctx.save_for_backward(x, weight, out if mask_grad else None)
         ctx.conv = (list(stride), list(padding), list(dilation), groups)
+        ctx.mask_grad = mask_grad
         return out
 
     @staticmethod
@@ -485,10 +591,10 @@ class _ConvBiasReLU(torch.autograd.Function):
         x, weight, out = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        g = torch.ops.aten.threshold_backward(grad, out, 0)
+        g = torch.ops.aten.threshold_backward(grad, out, 0) if ctx.mask_grad else grad
         gx = gw = None
         if need_x or need_w:
             gx, gw, _ = torch.ops.aten.convolution_backward(g, x, weight, None, stride, padding, dilation, False,
                                                             [0] * len(stride), groups, [need_x, need_w, False])
         gb = g.sum((0, 2, 3)) if need_b else None
-        return gx, gw, gb, g if need_r else None, None, None, None, None
+        return gx, gw, gb, g if need_r else None, None, None, None, None, None

@@ -21,6 +21,12 @@ kernels eager PyTorch runs for the same graph; only `out` is saved (with the ReL
 saves anyway.
 
 Backends: the CUDA kernel, the C++ CPU kernel, and reference.bias_act when the extension is not built.
+
+relu_backward_sum(grad_a, grad_b, out) is a backward helper of the same family: where a ReLU's output feeds two
+consumers (a ResNet block's input: its first convolution and its residual), autograd sums their gradients in one
+pass and the ReLU's backward masks the sum in another; this op does both in one, bit for bit the same
+(model.residual_grad_fusion, detr_fast/models/fold.py). It has no autograd formula of its own: it is called from
+backward functions.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from detr_fast.ops import reference
 from detr_fast.ops._ext import extension_loaded, has_kernel, warn_fallback
 
 _HAS_KERNEL = {dev: has_kernel("bias_act", dev) for dev in ("cpu", "cuda")}
+_HAS_SUM_KERNEL = {dev: has_kernel("relu_backward_sum", dev) for dev in ("cpu", "cuda")}
 
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
@@ -44,6 +51,17 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None 
             warn_fallback("bias_act", f"no bias_act kernel built for device {x.device.type}")
         return reference.bias_act(x, bias, residual, relu)
     return torch.ops.detr_fast.bias_act(x, bias, residual, bool(relu))
+
+
+def relu_backward_sum(grad_a: torch.Tensor, grad_b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(grad_a + grad_b) where out > 0, else 0: torch.ops.aten.threshold_backward(grad_a + grad_b, out, 0) in one
+    pass. All three of one shape, floating dtype and device; the result in out's layout (channels_last when out is,
+    contiguous otherwise)."""
+    if not _HAS_SUM_KERNEL.get(out.device.type, False):
+        if out.device.type in ("cpu", "cuda"):
+            warn_fallback("relu_backward_sum", f"no relu_backward_sum kernel built for device {out.device.type}")
+        return reference.relu_backward_sum(grad_a, grad_b, out)
+    return torch.ops.detr_fast.relu_backward_sum(grad_a, grad_b, out)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -87,6 +105,16 @@ def _register() -> None:
         return grad, grad_bias, grad_residual, None
 
     torch.library.register_autograd("detr_fast::bias_act", _backward, setup_context=_setup_context)
+    if not hasattr(torch.ops.detr_fast, "relu_backward_sum"):  # an extension built before the op
+        return
+
+    @torch.library.register_fake("detr_fast::relu_backward_sum")
+    def _fake_sum(grad_a, grad_b, out):
+        torch._check(grad_a.shape == out.shape and grad_b.shape == out.shape,
+                     lambda: "relu_backward_sum: grad_a, grad_b and out must have one shape")
+        torch._check(grad_a.dtype == out.dtype and grad_b.dtype == out.dtype,
+                     lambda: "relu_backward_sum: grad_a, grad_b and out must have one dtype")
+        return torch.empty_like(out, memory_format=_out_format(out))
 
 
 if extension_loaded() and hasattr(torch.ops.detr_fast, "bias_act"):

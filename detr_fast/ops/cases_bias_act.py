@@ -79,3 +79,46 @@ for label, shape, res in (("layer1 end", (8, 256, 200, 334), True), ("layer3 end
                           ("layer1 inner", (8, 64, 200, 334), False)):
     _case(f"{label} {'x'.join(map(str, shape))} cl", shape, residual=res, bias_fp32=True, channels_last=True,
           dtypes=(torch.bfloat16,), tags=("bench",), devices=("cuda",))
+
+
+# ---- relu_backward_sum: the two gradients of a ResNet block's input summed and masked by the previous block's ReLU
+# output. Exact: the output must equal reference.relu_backward_sum computed in the same dtype, bit for bit (error =
+# the largest difference, tolerance 0), in out's layout.
+
+def make_sum_inputs(shape, device, dtype, gen, out_cl=False, grads_cl=None):
+    """grad_a, grad_b ~ N(0, 1) and out = relu(N(0, 1)) (half of it zeros, as a ReLU's output) [*shape] in dtype;
+    4-D out channels_last when asked, the gradients in out's layout unless grads_cl says otherwise."""
+    a, b, o = (torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    grads_cl = out_cl if grads_cl is None else grads_cl
+
+    def place(t, cl):
+        return t.to(device, dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return place(a, grads_cl), place(b, grads_cl), place(o.relu(), out_cl)
+
+
+def _sum_case(name, shape, out_cl=False, grads_cl=None, dtypes=(torch.float32, torch.float64, torch.float16,
+                                                                torch.bfloat16), tags=(), devices=("cpu", "cuda")):
+    def make(device, dtype, gen):
+        return make_sum_inputs(shape, device, dtype, gen, out_cl, grads_cl), {}
+
+    def check(result, args, kwargs, dtype):
+        want = reference.relu_backward_sum(*args)
+        if result.dtype != dtype or result.shape != want.shape or not same_layout(result, args[2]):
+            return float("inf"), 0.0
+        return (float((result.double() - want.double()).abs().max()) if result.numel() else 0.0), 0.0
+
+    return register(Case(op="relu_backward_sum", name=name, make=make, check=check, dtypes=dtypes, tags=tags,
+                         devices=devices))
+
+
+for shape, cl, gcl in [((2, 3, 5, 7), False, None), ((2, 3, 5, 7), True, None), ((3, 16, 9, 11), True, None),
+                       ((3, 16, 9, 11), True, False), ((2, 8, 5, 5), False, True), ((4, 37), False, None),
+                       ((1001,), False, None), ((0, 16, 4, 4), True, None), ((2, 16, 0, 5), False, None)]:
+    grads = "" if gcl is None else f" grads {'cl' if gcl else 'nchw'}"
+    _sum_case(f"{'x'.join(map(str, shape))}{' cl' if cl else ''}{grads}", shape, out_cl=cl, grads_cl=gcl)
+
+# Benchmark: the joint inside ResNet-50's layer2 and layer3 of DETR's step (batch 8 padded to 800x1333, bf16,
+# channels_last); the reference is the path it replaces, autograd's sum then threshold_backward
+for label, shape in (("layer2 joint", (8, 512, 100, 167)), ("layer3 joint", (8, 1024, 50, 84))):
+    _sum_case(f"{label} {'x'.join(map(str, shape))} cl", shape, out_cl=True, dtypes=(torch.bfloat16,),
+              tags=("bench",), devices=("cuda",))

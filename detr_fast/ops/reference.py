@@ -246,6 +246,18 @@ def bias_act(x, bias, residual=None, relu=True):
     return y.relu() if relu else y
 
 
+def relu_backward_sum(grad_a, grad_b, out):
+    """The gradient reaching a ReLU's output `out` along two paths, summed and masked: (grad_a + grad_b) where
+    out > 0, else 0, as autograd computes it (the sum in the tensors' dtype, then threshold_backward)."""
+    if not (grad_a.shape == grad_b.shape == out.shape):
+        raise ValueError(f"grad_a, grad_b and out must have one shape, got {tuple(grad_a.shape)}, "
+                         f"{tuple(grad_b.shape)} and {tuple(out.shape)}")
+    if not (grad_a.dtype == grad_b.dtype == out.dtype):
+        raise ValueError(f"grad_a, grad_b and out must have one dtype, got {grad_a.dtype}, {grad_b.dtype} and "
+                         f"{out.dtype}")
+    return torch.ops.aten.threshold_backward(grad_a + grad_b, out, 0)
+
+
 def scale_many(xs, scale, dtype):
     """[x * scale[channels of x] in dtype for x in xs]: dimension 0 of each x is its channel, x's channels follow the
     previous tensor's in scale. Each product in float32 (float64 when an operand or dtype is float64) rounded once to

@@ -1,5 +1,5 @@
 // Host emulation of the CUDA kernels of add_dropout_layernorm (forward, backward, mask), relu_dropout (forward,
-// backward), bias_act, scale_many, max_pool2d_nhwc, linear_assignment, matching_cost and box_loss (forward,
+// backward), bias_act, relu_backward_sum, scale_many, max_pool2d_nhwc, linear_assignment, matching_cost and box_loss (forward,
 // backward), for machines without a GPU (CI among them): the *_kernels.cuh headers of csrc/layernorm,
 // csrc/bias_act, csrc/scale, csrc/pool, csrc/assignment and csrc/box_ops compiled for the host on top of
 // tests/emulator/cuda_host.h. The launchers of those headers run as the device build runs them (dtype dispatch,
@@ -84,6 +84,12 @@ at::Tensor emu_bias_act(const at::Tensor& x, const at::Tensor& bias, const std::
   return bias_act_launch(x, bias, residual, relu, emu_ctx(sms));
 }
 
+at::Tensor emu_relu_backward_sum(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& out,
+                                 int64_t sms) {
+  check_relu_backward_sum_inputs(grad_a, grad_b, out);
+  return relu_backward_sum_launch(grad_a, grad_b, out, emu_ctx(sms));
+}
+
 at::Tensor emu_linear_assignment(const at::Tensor& cost, const at::Tensor& num_targets, int64_t engine) {
   const auto shape = assignment::check_inputs(cost, num_targets);
   DETR_CHECK(engine >= 0 && engine <= 2, "emulator: engine must be 0 (auto), 1 (auction) or 2 (ssp)");
@@ -164,6 +170,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("divergent_barrier", &detr_fast::emu_divergent_barrier);
   m.def("neighbour_read", &detr_fast::emu_neighbour_read, py::arg("sync"));
   m.def("bias_act", &detr_fast::emu_bias_act, py::arg("x"), py::arg("bias"), py::arg("residual"), py::arg("relu"),
+        py::arg("sms") = 2);
+  m.def("relu_backward_sum", &detr_fast::emu_relu_backward_sum, py::arg("grad_a"), py::arg("grad_b"), py::arg("out"),
         py::arg("sms") = 2);
   m.def("max_pool2d_nhwc", &detr_fast::emu_max_pool2d_nhwc, py::arg("x"), py::arg("kernel"), py::arg("stride"),
         py::arg("padding"), py::arg("sms") = 2);

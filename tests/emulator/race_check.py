@@ -5,11 +5,10 @@ reported and fails the check.
     python tests/emulator/race_check.py
 
 Builds kernels_emulator.cpp and attention_emulator.cpp with -fsanitize=thread in this process, then runs their
-kernels (LayerNorm forward and backward with dropout in both row layouts, relu_dropout, bias_act on both paths, the
-assignment solver with each engine, matching_cost and box_loss, the attention kernels of each dtype) in a child
-process with the sanitizer's runtime preloaded: a sanitized extension cannot be loaded into an unsanitized Python
-otherwise, and the compiler must not run with it preloaded. The emulator
-orders a block's threads only through its barriers (mutex and condition variable, which the sanitizer understands),
+kernels (LayerNorm forward and backward with dropout in both row layouts, relu_dropout, bias_act on both paths,
+relu_backward_sum, the assignment solver with each engine, matching_cost and box_loss, the attention kernels of each
+dtype) in a child process with the sanitizer's runtime preloaded: a sanitized extension cannot be loaded into an
+unsanitized Python otherwise, and the compiler must not run with it preloaded. The emulator orders a block's threads only through its barriers (mutex and condition variable, which the sanitizer understands),
 so what it reports is a race on the device too. A deliberately racing kernel is run first, and must be reported.
 Exit status 0 when that one race, and nothing else, is reported.
 """
@@ -75,6 +74,8 @@ def child(kernels_so: str, attention_so: str) -> int:
     emu.bias_act(x, torch.randn(16, generator=g), x.clone(), True, sms=1)
     emu.bias_act(x.contiguous(memory_format=torch.channels_last), torch.randn(16, generator=g), None, True, sms=1)
     emu.bias_act(x[:, :, :, 1:], torch.randn(16, generator=g), None, False, sms=1)  # scalar path
+    emu.relu_backward_sum(x, x.clone(), x.relu(), sms=1)
+    emu.relu_backward_sum(x.flatten()[1:], x.flatten()[:-1], x.flatten()[1:].relu(), sms=1)  # one element per step
     # the assignment solver's warp bids (atomics), block reductions and barriers: each engine, a cached and an
     # uncached cost matrix, 128 and 256 threads
     from detr_fast.ops.cases_assignment import make_costs, totals
