@@ -28,8 +28,8 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
                 eager and as one CUDA graph
   fast_pool_graph   fast_cudnn_graph with model.nhwc_pool (the stem's max pool by detr_fast.ops.max_pool2d_nhwc)
   fast_stem8_graph   fast_cudnn_graph with model.stem_pad_channels=8 (the stem convolution on 8 input channels)
-  fast_rgrad_graph   fast_cudnn_graph with model.residual_grad_fusion (each joint between the blocks of a ResNet stage
-                sums and masks its two gradients in one relu_backward_sum pass)
+  fast_rgrad_graph   fast_cudnn_graph with model.residual_grad_fusion (each joint between ResNet blocks sums and
+                masks its two gradients in one relu_backward_sum pass)
   fast_next_graph   fast_cudnn_graph with all five changes not yet timed on a GPU together: bias_grad_mm, nhwc_pool,
                 stem_pad_channels=8, residual_grad_fusion and (as in fast_cudnn_graph) the trainable weights folded by
                 scale_many

@@ -43,8 +43,9 @@ class ModelConfig:
     # with fused_bias_act, on a GPU: each trunk convolution with its bias (+ residual) + ReLU as one cuDNN call, one
     # pass fewer over each activation (equal to rounding; a backward of our own where gradients flow)
     conv_fusion: bool = False
-    # with fused_bias_act: inside each ResNet stage, a block input's two gradients (its first convolution's and the
-    # residual's) summed and masked by the previous block's ReLU in one pass instead of two (bit-identical)
+    # with fused_bias_act: at each joint between ResNet blocks (inside and between stages), a block input's two
+    # gradients (its first convolution's and the residual's) summed and masked by the previous block's ReLU in one
+    # pass instead of two (bit-identical)
     residual_grad_fusion: bool = False
     # under autocast: the transformer's and heads' matrix weights cast in one kernel per forward and their gradients
     # in one per backward, instead of one per weight and use (bit-identical)

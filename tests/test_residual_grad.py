@@ -235,20 +235,23 @@ def _assert_same_run(r0, r1):
         assert torch.equal(g1[n], g0[n]), n
 
 
-@pytest.mark.parametrize("backbone,joints", [("resnet18", 1 + 1 + 1 + 1), ("resnet50", 2 + 3 + 5 + 2)])
+# joints inside the stages, and between them (the trunk returns only layer4)
+@pytest.mark.parametrize("backbone,joints", [("resnet18", 1 + 1 + 1 + 1 + 3), ("resnet50", 2 + 3 + 5 + 2 + 3)])
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
 def test_chained_model_equals_the_plain_one(backbone, joints, dtype):
-    """Output, loss and every gradient bit for bit, with the joints of layers 2-4 (those a gradient reaches) taking
-    the one-pass sum: ResNet-18 one per stage, ResNet-50 one fewer than its blocks (layer1 is frozen)."""
+    """Output, loss and every gradient bit for bit, with the joints a gradient reaches taking the one-pass sum: those
+    inside layers 2-4 and those between layer2 and layer3 and between layer3 and layer4 (layer1 is frozen: its inner
+    joints and the one into layer2 get no gradient)."""
     batch = make_batch(2, 64, 96, 7, "cpu", seed=3, max_targets=4)
     plain = _run(backbone, [], batch, dtype)
     calls, unmasked = [], []
     chained = _run(backbone, ["model.residual_grad_fusion=true"], batch, dtype, calls=calls, unmasked=unmasked)
     _assert_same_run(plain, chained)
-    assert len(calls) == joints - (1 if backbone == "resnet18" else 2)  # less layer1's joints, which get no gradient
+    assert len(calls) == joints - (1 if backbone == "resnet18" else 2) - 1  # less layer1's and the one into layer2
     assert unmasked == ["bias_act"] * joints  # every inner block's output leaves its mask to the next block
     body = chained[0].backbone[0].body
     assert all(isinstance(getattr(body, f"layer{i}"), fold.ResidualGradChain) for i in (1, 2, 3, 4))
+    assert isinstance(body, fold.ChainedLayerGetter)
     assert fold.fuse_residual_grad(copy.deepcopy(plain[0])) == joints
 
 
@@ -273,8 +276,8 @@ def test_chained_model_with_conv_fusion(monkeypatch):
     calls, unmasked = [], []
     _assert_same_run(plain, _run("resnet50", extra + ["model.residual_grad_fusion=true"], batch, calls=calls,
                                  unmasked=unmasked))
-    assert len(calls) == 3 + 5 + 2
-    assert unmasked == ["cudnn"] * (3 + 5 + 2)  # layer1 (frozen) has no backward: cuDNN's operators directly
+    assert len(calls) == 3 + 5 + 2 + 2
+    assert unmasked == ["cudnn"] * (3 + 5 + 2 + 2)  # layer1 (frozen) has no backward: cuDNN's operators directly
 
 
 def test_chained_model_in_a_simulated_capture(monkeypatch):
@@ -303,7 +306,54 @@ def test_a_hooked_stage_runs_the_plain_path():
     chained = _run("resnet50", ["model.residual_grad_fusion=true"], batch, hook=hook, calls=calls)
     _assert_same_run(plain, chained)
     assert seen == [1, 1]
-    assert len(calls) == 3 + 2  # layer2's and layer4's joints; not layer3's
+    assert len(calls) == 3 + 2  # layer2's and layer4's inner joints; not layer3's, nor those into and out of it
+
+
+def test_returned_stages_and_stage_hooks_end_the_chain():
+    """A trunk returning layer2 as a feature too (its output feeds the loss directly) keeps layer2's output masked:
+    only the other joints are fused. A hook on a stage ends the chain at that stage as well. The gradients of every
+    weight, layer1's included (all trainable here), equal those of the plain trunk bit for bit."""
+    from torchvision.models import resnet50
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    def trunk(chained, hook=False):
+        torch.manual_seed(0)
+        net = resnet50(weights=None, norm_layer=FrozenBatchNorm2d).double()
+        for m in net.modules():  # BatchNorm statistics away from identity
+            if isinstance(m, FrozenBatchNorm2d):
+                for name in ("weight", "bias", "running_mean"):
+                    getattr(m, name).normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2)
+        body = IntermediateLayerGetter(net, {"layer2": "mid", "layer4": "out"})
+        fold.fold_frozen_bn(body)
+        fold.fuse_bias_act(body)
+        joints = fold.fuse_residual_grad(body) if chained else None
+        if hook:
+            body.layer3.register_forward_hook(lambda m, a, out: None)
+        return body, joints
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 64, 96, generator=gen, dtype=torch.float64)
+    for hook, want_calls in ((False, 2 + 3 + 5 + 2 + 2), (True, 2 + 3 + 2 + 1)):
+        results = []
+        for chained in (False, True):
+            body, joints = trunk(chained, hook)
+            calls = []
+            real = fold.relu_backward_sum
+            fold.relu_backward_sum = lambda *a: calls.append(1) or real(*a)
+            try:
+                feats = body(x)
+                (feats["mid"].sin().sum() + (feats["out"] * feats["out"]).sum()).backward()
+            finally:
+                fold.relu_backward_sum = real
+            results.append(({n: p.grad for n, p in body.named_parameters()}, len(calls), joints))
+        (g0, n0, _), (g1, n1, joints) = results
+        assert joints == 2 + 3 + 5 + 2 + 2  # layer1 -> layer2 and layer3 -> layer4; layer2 is returned
+        assert n0 == 0 and n1 == want_calls  # with the hook: layer3's inner joints and its two stage joints plain
+        assert g0.keys() == g1.keys()
+        for n in g0:
+            assert torch.equal(g1[n], g0[n]), n
 
 
 def test_state_dict_and_inference_unchanged():

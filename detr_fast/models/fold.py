@@ -39,12 +39,14 @@ convolution and the residual (or the downsample). Autograd sums their two gradie
 and the previous block's backward then masks the sum with its ReLU in another: six passes of reads and writes. In a
 ResidualGradChain each inner block's last ReLU leaves its mask to the next block, which forks its input into two
 aliases (_ForkReLUGrad) whose backward sums and masks the two gradients in one detr_fast.ops.relu_backward_sum pass:
-four. The values are bit-identical. Only the blocks inside one stage are chained, since a stage's output may be
-returned as a feature; a stage whose blocks carry hooks, and torch.compile's tracing, run the plain path.
+four. The values are bit-identical. Consecutive stages are joined the same way by the trunk's ChainedLayerGetter where
+the first stage's output is not returned as a feature. A stage or block that carries a forward hook (it would see an
+unmasked output), and torch.compile's tracing, run the plain path.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Callable
 
@@ -487,28 +489,55 @@ def fuse_conv_relu(module: nn.Module) -> int:
 class ResidualGradChain(nn.Sequential):
     """A ResNet stage (its BiasActBlocks, under their names: the state dict is unchanged) whose inner joints sum and
     mask their two gradients in one pass (fuse_residual_grad): each block but the last leaves its output's ReLU mask
-    to the next block. Runs the plain path, every block masking its own output, under torch.compile's tracing, with
-    gradients off (the forward is the same either way) and when a block carries a forward hook, which would see the
-    unmasked outputs."""
+    to the next block. raw_in / raw_out extend that to the stage's own input and output (ChainedLayerGetter, between
+    stages). Runs the plain path, every block masking its own output, where it is not usable()."""
 
-    def _hooked(self) -> bool:
+    def usable(self) -> bool:
+        """False under torch.compile's tracing, with gradients off (the forward is the same either way) and when the
+        stage or one of its blocks carries a forward hook, which would see unmasked outputs."""
         glob = torch.nn.modules.module
-        return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks) or any(
-            b._forward_hooks or b._forward_pre_hooks for b in self)
+        return not torch.compiler.is_compiling() and torch.is_grad_enabled() and not (
+            glob._global_forward_hooks or glob._global_forward_pre_hooks or self._forward_hooks
+            or self._forward_pre_hooks or any(b._forward_hooks or b._forward_pre_hooks for b in self))
 
-    def forward(self, x):
-        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or self._hooked():
+    def forward(self, x, raw_in: bool = False, raw_out: bool = False):
+        if not self.usable():
             return super().forward(x)
         last = len(self) - 1
         for i, block in enumerate(self):
-            x = block(x, raw_in=i > 0, raw_out=i < last)
+            x = block(x, raw_in=raw_in if i == 0 else True, raw_out=raw_out if i == last else True)
         return x
 
 
+class ChainedLayerGetter(IntermediateLayerGetter):
+    """A trunk's IntermediateLayerGetter whose consecutive ResidualGradChain stages are joined as well: a stage whose
+    output is not returned as a feature leaves its last ReLU's mask to the next stage's first block (both usable()),
+    so the joints between stages (ResNet-50: the inputs of layer3 and layer4 that gradients reach) take the one-pass
+    sum too. Set by fuse_residual_grad on the getter itself; same children, same state dict."""
+
+    def forward(self, x):
+        out = OrderedDict()
+        items = list(self.items())
+        raw = False
+        for i, (name, module) in enumerate(items):
+            if isinstance(module, ResidualGradChain):
+                nxt = items[i + 1][1] if i + 1 < len(items) else None
+                raw_out = (name not in self.return_layers and isinstance(nxt, ResidualGradChain) and module.usable()
+                           and nxt.usable())
+                x = module(x, raw_in=raw, raw_out=raw_out)
+                raw = raw_out
+            else:
+                x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
 def fuse_residual_grad(module: nn.Module) -> int:
-    """Turn every stage of module (an nn.Sequential of two or more BiasActBlocks) into a ResidualGradChain, in place,
-    after fuse_bias_act (and fuse_conv_relu, with which it composes). Returns the joints fused (blocks - 1 per
-    stage). State-dict keys and values are unchanged."""
+    """Turn every stage of module (an nn.Sequential of two or more BiasActBlocks) into a ResidualGradChain, and a
+    trunk's IntermediateLayerGetter into a ChainedLayerGetter, in place, after fuse_bias_act (and fuse_conv_relu, with
+    which it composes). Returns the joints fused: blocks - 1 per stage, and one between consecutive stages whose first
+    is not returned. State-dict keys and values are unchanged."""
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -518,6 +547,11 @@ def fuse_residual_grad(module: nn.Module) -> int:
                     chain.add_module(bname, block)
                 setattr(parent, name, chain)
                 count += len(chain) - 1
+    for getter in [m for m in module.modules() if type(m) is IntermediateLayerGetter]:
+        getter.__class__ = ChainedLayerGetter  # a subclass with no state of its own: only forward differs
+        items = list(getter.items())
+        count += sum(isinstance(a, ResidualGradChain) and isinstance(b, ResidualGradChain)
+                     and name not in getter.return_layers for (name, a), (_, b) in zip(items, items[1:]))
     return count
 
 
