@@ -243,3 +243,29 @@ def test_bench_step_makes_no_tensor_from_host_data_after_the_first_step(variant)
     with _NoHostData():
         second = step(images, mask, targets)
     assert torch.isfinite(first) and torch.isfinite(second)
+
+
+def test_untimed_options_together_compute_the_same_step():
+    """bench_step's fast_next_graph: the fast config's model plus the four options not yet timed on a GPU together
+    (bias_grad_mm, nhwc_pool, stem_pad_channels=8, residual_grad_fusion), in float64 on the CPU: the same losses and
+    gradients as without them, to float64 rounding (bias_grad_mm and the padded stem change summation orders)."""
+    fused = ("model.fused_norm=true", "model.fused_bias_act=true", "model.flat_cast=true", "model.packed_proj=true",
+             "model.fused_ffn=true")
+    new = ("model.bias_grad_mm=true", "model.nhwc_pool=true", "model.stem_pad_channels=8",
+           "model.residual_grad_fusion=true")
+    batch = make_batch(2, 64, 96, 7, "cpu", seed=13, max_targets=4)
+    results = []
+    for extra in (fused, fused + new):
+        torch.manual_seed(0)
+        _, model, criterion = build(OVER + list(extra), "fast_fp32", "cpu")
+        model.double()
+        images, mask, targets = batch
+        losses = criterion(model(images.double(), mask), targets)
+        total = sum(losses[k] * criterion.weight_dict[k] for k in losses)
+        total.backward()
+        results.append((total.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=0)
+    assert g0.keys() == g1.keys() and any("layer3" in n for n in g0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-12 * float(g0[n].abs().max()), msg=n)
