@@ -98,7 +98,7 @@ ROOF_KINDS = [
     ("convolution", ("convolution",)),
     ("matmul", ("aten.mm", "aten.addmm", "aten.linear")),
     ("norm", ("layer_norm", "layernorm")),
-    ("fused trunk/FFN", ("detr_fast.bias_act", "detr_fast.relu_dropout")),
+    ("fused trunk/FFN", ("detr_fast.bias_act", "detr_fast.relu_dropout", "detr_fast.relu_backward_sum")),
     ("matching+loss", ("matching_cost", "linear_assignment", "box_loss", "cross_entropy", "nll_loss")),
     ("optimizer+clip", ("adamw", "_foreach", "vector_norm", "clip")),
     ("casts+copies", ("_to_copy", "copy_", "aten.cat", "aten.stack", "clone", "contiguous")),
