@@ -269,3 +269,27 @@ def test_untimed_options_together_compute_the_same_step():
     assert g0.keys() == g1.keys() and any("layer3" in n for n in g0)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-9, atol=1e-12 * float(g0[n].abs().max()), msg=n)
+
+
+def test_channels_last_images_are_cast_in_the_same_pass():
+    """With model.channels_last under autocast, the images change layout and take the trunk's operand dtype in one
+    copy, where a layout copy followed by the first convolution's own cast took two: the same outputs bit for bit,
+    one operator fewer."""
+    from helpers import OpCounter
+
+    torch.manual_seed(0)
+    _, model, _ = build(OVER + ["model.fused_bias_act=true"], "fast_fp32", "cpu")
+    images, mask, _ = make_batch(2, 64, 96, 7, "cpu", seed=14, max_targets=4)
+    runs = []
+    for one_pass in (True, False, True):  # the first run fills the folded weights' caches
+        model.channels_last = one_pass
+        counter = OpCounter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), counter:
+            # the two-pass form: the layout copy of the images, then the cast the first convolution makes
+            out = model(images if one_pass else images.contiguous(memory_format=torch.channels_last), mask)
+        runs.append((out, counter.ops))
+    (_, _), (old, old_ops), (new, new_ops) = runs
+    assert torch.equal(new["pred_boxes"], old["pred_boxes"]) and torch.equal(new["pred_logits"], old["pred_logits"])
+    assert new_ops["aten.clone"] == old_ops["aten.clone"] - 1  # no layout copy of its own
+    assert new_ops["aten._to_copy"] == old_ops["aten._to_copy"]  # the cast, now with the layout change
+    assert sum(new_ops.values()) == sum(old_ops.values()) - 1

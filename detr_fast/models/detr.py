@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detr_fast.models.backbone import Backbone, Joiner
-from detr_fast.models.cast import cast_targets, flat_cast
+from detr_fast.models.cast import autocast_dtype, cast_targets, flat_cast
 from detr_fast.models.fold import (TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu, fuse_residual_grad,
                                    pad_stem_channels)
 from detr_fast.models.linear import bias_grad_mm
@@ -67,7 +67,9 @@ class DETR(nn.Module):
          aux_outputs: [{pred_logits, pred_boxes}] for decoder layers 0..L-2, all_logits [L, B, Q, C+1] and
          all_boxes [L, B, Q, 4]: every decoder layer's, the last one last (aux_outputs and all_* with aux_loss)}."""
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            # the layout change and, under autocast, the cast the trunk's first convolution would make of the images
+            # anyway, in one pass instead of two (the same values)
+            images = images.to(dtype=autocast_dtype(images, images), memory_format=torch.channels_last)
         with self.trunk_fold.applied(images) if self.trunk_fold is not None else nullcontext():
             feat, m, pos = self.backbone(images, mask)
         with flat_cast(self.flat_cast_targets), bias_grad_mm(self.bias_grad_mm):
