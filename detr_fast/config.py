@@ -34,7 +34,8 @@ class ModelConfig:
     # the reference on CPU tensors (the C++ CPU attention kernel is a correctness oracle, not a fast path)
     attention: str = "auto"
     fold_bn: bool = True  # fold FrozenBatchNorm2d into the preceding convolutions (exact; same state dict)
-    channels_last: bool = False  # run the backbone in NHWC memory layout
+    # run the backbone in NHWC memory layout (the images converted, and under autocast cast, in one copy)
+    channels_last: bool = False
     # post-norm steps norm(residual + dropout(x)) as one fused add_dropout_layernorm call (same parameters)
     fused_norm: bool = False
     # folded ResNet trunk: each conv's bias, the ReLUs and the residual adds as fused bias_act calls (same parameters;
