@@ -27,13 +27,12 @@ pytestmark = pytest.mark.skipif(not has_kernel("relu_backward_sum", "cpu"), reas
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _same(got, want):
-    """Bit-equal, NaN where NaN, in the same dtype and shape."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert torch.equal(got.isnan(), want.isnan())
-    assert torch.equal(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0))
-    # -0.0 and 0.0 compare equal: the sign bits must agree too
-    assert torch.equal(torch.signbit(got) & (got == 0), torch.signbit(want) & (want == 0))
+def _same(got, want) -> bool:
+    """Bit-equal, NaN where NaN, in the same dtype and shape; -0.0 and 0.0 compare equal, so the sign bits of the
+    zeros must agree too."""
+    return (got.dtype == want.dtype and got.shape == want.shape and torch.equal(got.isnan(), want.isnan())
+            and torch.equal(torch.nan_to_num(got, nan=0.0), torch.nan_to_num(want, nan=0.0))
+            and torch.equal(torch.signbit(got) & (got == 0), torch.signbit(want) & (want == 0)))
 
 
 # ---- the op ---------------------------------------------------------------------------------------------------------
@@ -48,7 +47,7 @@ def test_matches_reference(device, dtype, shape, out_cl, grads_cl):
     gen = torch.Generator().manual_seed(hash((shape, out_cl, grads_cl, str(dtype))) % 2**31)
     a, b, out = make_sum_inputs(shape, device, dtype, gen, out_cl, grads_cl)
     got = relu_backward_sum(a, b, out)
-    _same(got, reference.relu_backward_sum(a, b, out))
+    assert _same(got, reference.relu_backward_sum(a, b, out))
     assert same_layout(got, out)
     if out.numel():
         assert (got == 0).any() and (got != 0).any()  # the mask took some values and let others through
@@ -65,10 +64,10 @@ def test_special_values(device, dtype):
     b = torch.tensor([2.0, 1.0, 1.0, inf, -inf, big, -0.0, 0.0, 1.0, -3.0, 2.0 ** -9, 2.0 ** -9, 1.0], dtype=dtype)
     o = torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, nan], dtype=dtype)
     a, b, o = a.to(device), b.to(device), o.to(device)
-    _same(relu_backward_sum(a, b, o), reference.relu_backward_sum(a, b, o))
+    assert _same(relu_backward_sum(a, b, o), reference.relu_backward_sum(a, b, o))
     neg = -o.abs()  # every out <= 0 (the NaN aside): all masked
     got = relu_backward_sum(a, b, neg)
-    _same(got, reference.relu_backward_sum(a, b, neg))
+    assert _same(got, reference.relu_backward_sum(a, b, neg))
     assert (got[:-1] == 0).all()
 
 
@@ -80,10 +79,10 @@ def test_unaligned_and_strided_inputs(device):
     a = base[1:].view(3, 40, 6, 7)  # 2 bytes off alignment
     b = torch.randn(3, 7, 6, 40, generator=gen).to(device, torch.bfloat16).permute(0, 3, 2, 1)
     out = torch.randn(3, 40, 6, 7, generator=gen).relu().to(device, torch.bfloat16)
-    _same(relu_backward_sum(a, b, out), reference.relu_backward_sum(a, b, out))
+    assert _same(relu_backward_sum(a, b, out), reference.relu_backward_sum(a, b, out))
     out_cl = out.contiguous(memory_format=torch.channels_last)
     got = relu_backward_sum(a, b, out_cl)
-    _same(got, reference.relu_backward_sum(a, b, out_cl))
+    assert _same(got, reference.relu_backward_sum(a, b, out_cl))
     assert got.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -132,7 +131,7 @@ def test_registry_cases(device):
 def test_cpu_and_cuda_agree():
     for dtype in DTYPES:
         a, b, out = make_sum_inputs((3, 24, 7, 9), "cpu", dtype, torch.Generator().manual_seed(4), True)
-        _same(relu_backward_sum(a.cuda(), b.cuda(), out.cuda()).cpu(), relu_backward_sum(a, b, out))
+        assert _same(relu_backward_sum(a.cuda(), b.cuda(), out.cuda()).cpu(), relu_backward_sum(a, b, out))
 
 
 # ---- the fork and the unmasked backwards ----------------------------------------------------------------------------

@@ -1,9 +1,7 @@
 // CUDA entry points of detr_fast::bias_act and relu_backward_sum: argument checks and the device guard, then the
 // launchers of bias_act_kernels.cuh on the current stream.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "bias_act/bias_act_kernels.cuh"
 
@@ -14,15 +12,13 @@ at::Tensor bias_act_cuda(const at::Tensor& x, const at::Tensor& bias, const std:
                          bool relu) {
   check_bias_act_inputs(x, bias, residual);
   c10::cuda::CUDAGuard guard(x.device());
-  const LaunchCtx ctx{c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
-  return bias_act_launch(x, bias, residual, relu, ctx);
+  return bias_act_launch(x, bias, residual, relu, current_launch_ctx());
 }
 
 at::Tensor relu_backward_sum_cuda(const at::Tensor& grad_a, const at::Tensor& grad_b, const at::Tensor& out) {
   check_relu_backward_sum_inputs(grad_a, grad_b, out);
   c10::cuda::CUDAGuard guard(out.device());
-  const LaunchCtx ctx{c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
-  return relu_backward_sum_launch(grad_a, grad_b, out, ctx);
+  return relu_backward_sum_launch(grad_a, grad_b, out, current_launch_ctx());
 }
 
 }  // namespace

@@ -6,14 +6,17 @@
 // by the emulator exactly as the device build runs it.
 //
 // LaunchCtx: what a launcher needs to know of the device: its stream and its number of SMs (grid sizing; 0 where the
-// launcher does not use it).
+// launcher does not use it). current_launch_ctx() (device build): the current stream and device's, for an entry point
+// after its device guard.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <utility>
 
 #ifndef DETR_EMULATE
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace detr_fast {
@@ -22,6 +25,12 @@ struct LaunchCtx {
   cudaStream_t stream;
   int sms;
 };
+
+#ifndef DETR_EMULATE
+inline LaunchCtx current_launch_ctx() {
+  return {c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
+}
+#endif
 
 // kernel<<<grid, block, smem_bytes, stream>>>(args...); above 48 KiB of dynamic shared memory the kernel is first
 // allowed that much (cudaFuncAttributeMaxDynamicSharedMemorySize).

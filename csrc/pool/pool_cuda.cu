@@ -1,9 +1,7 @@
 // CUDA entry point of detr_fast::max_pool2d_nhwc: argument checks and the device guard, then the launcher of
 // pool_kernels.cuh on the current stream.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "pool/pool_kernels.cuh"
 
@@ -14,8 +12,7 @@ at::Tensor max_pool_nhwc_cuda(const at::Tensor& x, at::IntArrayRef kernel, at::I
                               at::IntArrayRef padding) {
   const PoolParams p = check_max_pool_nhwc(x, kernel, stride, padding);
   c10::cuda::CUDAGuard guard(x.device());
-  const LaunchCtx ctx{c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
-  return max_pool_nhwc_launch(x, p, ctx);
+  return max_pool_nhwc_launch(x, p, current_launch_ctx());
 }
 
 }  // namespace

@@ -1,9 +1,7 @@
 // CUDA entry point of detr_fast::scale_many: argument checks and the device guard, then the launcher of
 // scale_kernels.cuh on the current stream.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include "scale/scale_kernels.cuh"
 
@@ -14,8 +12,7 @@ std::vector<at::Tensor> scale_many_cuda(at::TensorList xs_in, const at::Tensor& 
   std::vector<at::Tensor> xs(xs_in.begin(), xs_in.end());
   check_scale_many(xs, scale, dtype);
   c10::cuda::CUDAGuard guard(scale.device());
-  const LaunchCtx ctx{c10::cuda::getCurrentCUDAStream(), at::cuda::getCurrentDeviceProperties()->multiProcessorCount};
-  return scale_many_launch(xs, scale, dtype, ctx);
+  return scale_many_launch(xs, scale, dtype, current_launch_ctx());
 }
 
 }  // namespace

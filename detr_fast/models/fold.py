@@ -60,6 +60,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_fast.models.cast import autocast_dtype, channels_last, flatten, unflatten
 from detr_fast.ops import bias_act, relu_backward_sum
+from detr_fast.ops.bias_act import bias_grad
 from detr_fast.ops.scale import ScaleMany
 
 
@@ -573,8 +574,6 @@ class _ForkReLUGrad(torch.autograd.Function):
         if grad_a is None or grad_b is None:
             g = grad_a if grad_b is None else grad_b
             return None if g is None else torch.ops.aten.threshold_backward(g, x, 0)
-        if grad_a.dtype != x.dtype or grad_b.dtype != x.dtype:  # not on the trunk's path; kept exact all the same
-            return torch.ops.aten.threshold_backward(grad_a + grad_b, x, 0)
         return relu_backward_sum(grad_a, grad_b, x)
 
 
@@ -592,11 +591,7 @@ class _BiasReLUMaskedGrad(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        grad_bias = None
-        if ctx.needs_input_grad[1]:
-            dims = [d for d in range(grad.dim()) if d != 1]
-            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            grad_bias = grad.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
+        grad_bias = bias_grad(grad, ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         return grad, grad_bias, grad if ctx.has_residual and ctx.needs_input_grad[2] else None
 
 

@@ -68,6 +68,13 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def bias_grad(grad: torch.Tensor, bias_dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of bias_act's bias: grad summed over every dimension but 1, in float32 (float64 for float64
+    grad), returned in the bias's dtype."""
+    dims = [d for d in range(grad.dim()) if d != 1]
+    return grad.sum(dim=dims, dtype=_acc_dtype(grad)).to(bias_dtype)
+
+
 def _out_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format the kernels give the output: channels_last when x is in it (and not also contiguous)."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -97,10 +104,7 @@ def _register() -> None:
             grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
         else:
             grad = grad_out
-        grad_bias = None
-        if ctx.needs_input_grad[1]:
-            dims = [d for d in range(grad.dim()) if d != 1]
-            grad_bias = grad.sum(dim=dims, dtype=_acc_dtype(grad)).to(ctx.bias_dtype)
+        grad_bias = bias_grad(grad, ctx.bias_dtype) if ctx.needs_input_grad[1] else None
         grad_residual = grad if ctx.has_residual and ctx.needs_input_grad[2] else None
         return grad, grad_bias, grad_residual, None
 

@@ -19,9 +19,9 @@ def make_input(shape, device, dtype, gen, specials=True):
 
 
 def mismatches(out: torch.Tensor, x: torch.Tensor, kernel, stride, padding) -> float:
-    # sync: a validation check (tests, `validate`), never in a training step; torch's CPU pool is the oracle
-    want = torch.nn.functional.max_pool2d(x.cpu(), kernel, stride, padding)
-    got = out.cpu()  # sync: as above
+    # a validation check (tests, `validate`), never in a training step; torch's CPU pool is the oracle
+    want = torch.nn.functional.max_pool2d(x.cpu(), kernel, stride, padding)  # sync: validation only
+    got = out.cpu()  # sync: validation only
     if got.shape != want.shape or not got.is_contiguous(memory_format=torch.channels_last):
         return float("inf")
     same = (got == want) | (got.isnan() & want.isnan())
