@@ -21,8 +21,13 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
   fast_cudnn    fast_fused with model.conv_fusion (each trunk convolution with its bias (+ residual) + ReLU as one
                 cuDNN call; on a GPU only, elsewhere it is fast_fused)
   fast_all      fast_tuned captured as one CUDA graph (a GPU only)
-  fast_fused_graph, fast_cudnn_graph   fast_fused and fast_cudnn captured as one CUDA graph (the latter is the step
-                of configs/detr_r50_coco_fast.yaml; the fastest measured, benchmarks/RESULTS.md)
+  fast_fused_graph, fast_cudnn_graph   fast_fused and fast_cudnn captured as one CUDA graph
+  fast_best_graph   fast_cudnn_graph with bias_grad_mm, nhwc_pool and residual_grad_fusion: the step of
+                configs/detr_r50_coco_fast.yaml (each timed as a gain, benchmarks/RESULTS.md)
+  fast_nobits_graph   fast_best_graph with DETR_FAST_ATTN_KEEP_BITS=0: the attention backward draws the dropout
+                flags again instead of reading those the forward saved (the same values)
+  fast_s2d_graph   fast_best_graph with model.stem_space_to_depth (the stem as a 4x4 stride-1 convolution on a
+                space-to-depth input of 16 channels)
   fast_compile_graph   fast_fused under torch.compile (Inductor), captured as one CUDA graph
   fast_bgrad, fast_bgrad_graph   fast_cudnn with model.bias_grad_mm (linear bias gradients as matrix products),
                 eager and as one CUDA graph
@@ -54,6 +59,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -68,6 +74,9 @@ from detr_fast.models import build_detr, fold
 
 # the five model options of the fast path, each computing the same function (config.py)
 FUSIONS = dict(fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True, fused_ffn=True)
+# the options an H100 run of 2026-11-27 timed as gains on top of fast_cudnn_graph (RESULTS.md): with conv_fusion, the
+# step of configs/detr_r50_coco_fast.yaml
+BEST = dict(conv_fusion=True, bias_grad_mm=True, nhwc_pool=True, residual_grad_fusion=True)
 
 VARIANTS = {
     "ref_fp32": dict(kernels="reference", attention="reference", fold_bn=False, channels_last=False, amp="none",
@@ -118,6 +127,12 @@ VARIANTS = {
     "fast_next_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                             tf32=True, compile=False, **FUSIONS, conv_fusion=True, bias_grad_mm=True, nhwc_pool=True,
                             stem_pad_channels=8, residual_grad_fusion=True, graph=True),
+    "fast_best_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                            tf32=True, compile=False, **FUSIONS, **BEST, graph=True),
+    "fast_nobits_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                              tf32=True, compile=False, **FUSIONS, **BEST, graph=True, attn_keep_bits=False),
+    "fast_s2d_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                           tf32=True, compile=False, **FUSIONS, **BEST, stem_space_to_depth=True, graph=True),
     "fast_cudnn_perconv_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True,
                                      amp="bf16", tf32=True, compile=False, **FUSIONS, conv_fusion=True, graph=True,
                                      trainable_scale_many=False),
@@ -236,7 +251,7 @@ def build(cfg_overrides, variant, device):
                                   f"model.fold_bn={str(v['fold_bn']).lower()}",
                                   f"model.channels_last={str(v['channels_last']).lower()}"]
     for key in list(FUSIONS) + ["conv_fusion", "bias_grad_mm", "nhwc_pool", "stem_pad_channels",
-                                "residual_grad_fusion"]:
+                                "residual_grad_fusion", "stem_space_to_depth"]:
         if key in v:
             sets.append(f"model.{key}={str(v[key]).lower()}")
     cfg = load_config(None, sets)
@@ -476,6 +491,8 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = v["tf32"]
         torch.backends.cudnn.benchmark = v.get("cudnn_benchmark", False)  # tuned in the warm-up steps
         fold.TRAINABLE_SCALE_MANY = v.get("trainable_scale_many", True)  # read when a graph is captured
+        # read by each attention forward on the host (so also when a graph is captured)
+        os.environ["DETR_FAST_ATTN_KEEP_BITS"] = "1" if v.get("attn_keep_bits", True) else "0"
         cfg, model, criterion = build(overrides, name, device)
         model.load_state_dict(base_state, strict=True)
         loss = eval_loss(model, criterion, v["amp"], device, images, mask, targets)
@@ -543,6 +560,7 @@ def main(argv=None):
             with open(a.json, "w") as f:
                 json.dump({"environment": environment(device), "batch": [B, H, W], "rows": rows}, f, indent=1)
     fold.TRAINABLE_SCALE_MANY = True
+    os.environ.pop("DETR_FAST_ATTN_KEEP_BITS", None)
     cols = ["variant", "ms_per_step", "img_per_s", "x_ref_tf32", "x_ref_compile", "peak_mem_GiB", "syncs_per_step",
             "loss_same_batch"] + (["ops", "compute_ops", "casts"] if a.count_ops else []) + (
             ["mixed_ms_per_step", "mixed_img_per_s", "mixed_x_ref_tf32", "mixed_pad", "mixed_graphs"]

@@ -65,6 +65,9 @@ class ModelConfig:
     # the folded stem convolution's input and weight zero-padded to this many input channels where no gradient flows
     # (0: none; 8 puts a bf16 channels_last pixel on 16 bytes); equal to rounding
     stem_pad_channels: int = 0
+    # the folded stem convolution (7x7, stride 2) as a stride-1 4x4 one on its input's space-to-depth (16 channels)
+    # where no gradient flows (wins over stem_pad_channels); equal to rounding
+    stem_space_to_depth: bool = False
 
 
 @dataclass
@@ -240,6 +243,9 @@ def validate(cfg: Config) -> Config:
     if m.stem_pad_channels and not (m.fold_bn and m.frozen_bn and m.backbone != "light"):
         raise ConfigError("model.stem_pad_channels needs model.fold_bn=true, model.frozen_bn=true and a resnet "
                           "backbone (it pads the folded stem convolution)")
+    if m.stem_space_to_depth and not (m.fold_bn and m.frozen_bn and m.backbone != "light"):
+        raise ConfigError("model.stem_space_to_depth needs model.fold_bn=true, model.frozen_bn=true and a resnet "
+                          "backbone (it rewrites the folded stem convolution)")
     if m.stem_pad_channels < 0:
         raise ConfigError(f"model.stem_pad_channels must be >= 0, got {m.stem_pad_channels}")
     if m.residual_grad_fusion and not m.fused_bias_act:

@@ -18,6 +18,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -492,6 +493,31 @@ def test_attention_empty_inputs_and_unsupported(attention_emu):
     x = torch.randn(1, 1, 4, 48)
     with pytest.raises(ValueError, match="head dim must be 32 or 64"):
         attention_emu.forward(x, x, x, None, 0.0, 0, 0)
+
+
+def test_attention_saved_flags_switch_and_bad_state(attention_emu, monkeypatch):
+    """DETR_FAST_ATTN_KEEP_BITS=0 keeps rng_state at (seed, offset) and gives the same output and gradients as
+    saving the flags; the forward's size of rng_state agrees with ops.attention.rng_state_numel (the fake's); a
+    backward given an rng_state of any other length is refused."""
+    from detr_fast.ops.attention import rng_state_numel
+    gen = torch.Generator().manual_seed(11)
+    B, H, Lq, Lk, D, p = 2, 2, 67, 131, 32, 0.2
+    q, go = (torch.randn(B, H, Lq, D, generator=gen).bfloat16() for _ in range(2))
+    k, v = (torch.randn(B, H, Lk, D, generator=gen).bfloat16() for _ in range(2))
+    mask = torch.arange(Lk)[None, :] >= torch.tensor([[100], [131]])
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("DETR_FAST_ATTN_KEEP_BITS", flag)
+        out, lse, rng, out_acc = attention_emu.forward(q, k, v, mask, p, 5, 8)
+        # the fake's length for the same inputs on a GPU (the emulator's tensors are CPU ones)
+        on_gpu = [types.SimpleNamespace(shape=t.shape, dtype=t.dtype, device=torch.device("cuda")) for t in (q, k)]
+        assert rng.numel() == rng_state_numel(*on_gpu, p)
+        runs.append((out, rng, attention_emu.backward(go, q, k, v, out_acc, lse, mask, p, rng)))
+    (out1, rng1, g1), (out0, rng0, g0) = runs
+    assert rng1.numel() == 2 + B * H * Lq * 3 and rng0.tolist() == [5, 8] and torch.equal(rng1[:2], rng0)
+    assert torch.equal(out1, out0) and all(torch.equal(a, b) for a, b in zip(g1, g0))
+    with pytest.raises(ValueError, match="rng_state"):
+        attention_emu.backward(go, q, k, v, out_acc, lse, mask, p, rng1[:-1])
 
 
 # ---- races within a block ----------------------------------------------------------------------------------------

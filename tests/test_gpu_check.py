@@ -39,8 +39,8 @@ def test_first_profile_times_the_step_right_after_the_build(tmp_path):
     assert names.index("tests_new") > names.index("bench_step")
     step = next(c for c in commands if "bench_step.py" in c)
     # both references first, then the fast config's graphed step, the compiled fast step last
-    assert re.search(r"--variants ref_tf32,ref_compile,fast_cudnn_graph,\S*,fast_compile_graph ", step)
-    assert "--mixed 6 --mixed-variants ref_tf32,fast_cudnn_graph" in step and "--iters 20" in step
+    assert re.search(r"--variants ref_tf32,ref_compile,fast_best_graph,\S*,fast_compile_graph ", step)
+    assert "--mixed 6 --mixed-variants ref_tf32,fast_best_graph" in step and "--iters 20" in step
     tests_new = next(c for c in commands if "tests/test_graphs.py" in c)
     assert tests_new.index("test_graphs.py") < tests_new.index("test_assignment.py")  # graph tests first
 
@@ -49,7 +49,7 @@ def test_second_profile_starts_with_the_compiled_reference(tmp_path):
     stages, commands, _ = plan(tmp_path, PROFILE="second", DEADLINE="0")
     assert [n for n, _ in stages][:2] == ["build", "bench_step"]
     step = next(c for c in commands if "bench_step.py" in c)
-    assert "--variants ref_compile,fast_cudnn_graph," in step
+    assert "--variants ref_compile,fast_best_graph," in step
 
 
 @pytest.mark.parametrize("deadline", [100, 400, 470])

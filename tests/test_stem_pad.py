@@ -96,10 +96,11 @@ def test_padded_stem_on_gpu_by_the_low_precision_rule():
     bn.weight.copy_(torch.rand(64, generator=gen) + 0.5)
     bn.bias.copy_(torch.randn(64, generator=gen))
     folded = fold.FoldedConv2d(conv, bn).cuda()
+    bn.cuda()  # not a submodule of folded (its buffers keep their own names): moved on its own
     x = torch.randn(2, 3, 97, 131, generator=gen).cuda().contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         exact = torch.nn.functional.conv2d(x.double(), (conv.weight * (bn.weight * (bn.running_var + bn.eps).rsqrt())
-                                                        .view(-1, 1, 1, 1)).double().cuda(), None, 2, 3)
+                                                        .view(-1, 1, 1, 1)).double(), None, 2, 3)
         for fused in (False, True):
             folded.fused_relu = folded.cudnn_fusion = fused
             outs = []

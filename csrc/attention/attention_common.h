@@ -3,16 +3,36 @@
 // Contract (see detr_fast/ops/attention.py): q [B, H, Lq, D], k and v [B, H, Lk, D], one floating dtype;
 // key_padding_mask [B, Lk] bool with True = padded key; out [B, H, Lq, D] in q's dtype; lse [B, H, Lq] holds the
 // natural-log sum of exp(scale * q.k) over the unpadded keys (fp32, fp64 for fp64 input), -inf for a query whose
-// keys are all padded (its output and gradients are 0); rng_state [2] int64 = (seed, offset) of the dropout stream
-// (philox.h), (0, 0) when dropout_p == 0; out_f32 = out before rounding (fp32) for fp16/bf16 inputs, else empty.
+// keys are all padded (its output and gradients are 0); rng_state int64 = (seed, offset) of the dropout stream
+// (philox.h), (0, 0) when dropout_p == 0, followed, where the forward ran the tensor-core CUDA kernels with dropout, by
+// the keep flags it drew (attn_keep_words below), so that the backward reads them instead of drawing them twice
+// more; out_f32 = out before rounding (fp32) for fp16/bf16 inputs, else empty.
 // attention_backward takes as `out` the forward's out_f32 for fp16/bf16 inputs and out otherwise.
 #pragma once
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "common/checks.h"
 #include "common/philox.h"
 
 namespace detr_fast {
+
+// The dropout keep flags saved by the tensor-core forward: for each (b * H + h, query row, 64-key tile) one int64
+// holding four 16-bit words, word t for keys tile * 64 + 8 * n + 2 * t + e (n < 8, e < 2) at bit 2 * n + e (the keys
+// lane t of a quad owns in the kernels' fragment layout), 1 = kept. Tiles whose keys are all padded and rows past Lq
+// are not written (the backward skips them too). 9 MB for DETR's encoder (B=8, H=8, L=1050), against three Philox
+// draws per attention weight when the backward draws them again.
+inline int64_t attn_keep_words(int64_t B, int64_t H, int64_t Lq, int64_t Lk) {
+  return B * H * Lq * ((Lk + 63) / 64);
+}
+
+// Whether the tensor-core CUDA forward saves its dropout keep flags for the backward: on unless the environment sets
+// DETR_FAST_ATTN_KEEP_BITS=0 (for benchmarks/bench_step.py's comparison; both ways compute the same values).
+inline bool attn_keep_bits_enabled() {
+  const char* env = std::getenv("DETR_FAST_ATTN_KEEP_BITS");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
 
 inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& mask, double dropout_p) {
@@ -93,9 +113,11 @@ inline void check_attention_backward_inputs(const at::Tensor& grad_out, const at
              "attention_backward: lse must have shape [B, H, Lq], got ", lse.sizes());
   DETR_CHECK(lse.scalar_type() == (q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
              "attention_backward: lse must be float32 (float64 for float64 inputs), got ", lse.scalar_type());
-  DETR_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2,
-             "attention_backward: rng_state must be int64 [2], got ", rng_state.scalar_type(), " ",
-             rng_state.sizes());
+  const int64_t words = attn_keep_words(q.size(0), q.size(1), q.size(2), k.size(2));
+  DETR_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
+                 (rng_state.numel() == 2 || rng_state.numel() == 2 + words),
+             "attention_backward: rng_state must be the forward's int64 [2] (or [2 + ", words,
+             "] with its saved dropout flags), got ", rng_state.scalar_type(), " ", rng_state.sizes());
   check_same_device(q, grad_out, "attention_backward: q", "grad_out");
   check_same_device(q, out, "attention_backward: q", "out");
   check_same_device(q, lse, "attention_backward: q", "lse");
@@ -104,9 +126,10 @@ inline void check_attention_backward_inputs(const at::Tensor& grad_out, const at
 
 inline void check_dropout_mask_args(const at::Tensor& rng_state, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
                                     double dropout_p) {
-  DETR_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2,
-             "attention_dropout_mask: rng_state must be int64 [2], got ", rng_state.scalar_type(), " ",
-             rng_state.sizes());
+  DETR_CHECK(rng_state.scalar_type() == at::kLong && rng_state.dim() == 1 &&
+                 (rng_state.numel() == 2 || rng_state.numel() == 2 + attn_keep_words(B, H, Lq, Lk)),
+             "attention_dropout_mask: rng_state must be a forward's int64 [2] (or [2 + saved dropout flags]), got ",
+             rng_state.scalar_type(), " ", rng_state.sizes());
   DETR_CHECK(B >= 0 && H >= 0 && Lq >= 0 && Lk >= 0, "attention_dropout_mask: sizes must be non-negative");
   DETR_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "attention_dropout_mask: dropout_p must lie in [0, 1), got ",
              dropout_p);

@@ -34,11 +34,13 @@ struct AttnParams {
   // Forward.
   at::PhiloxCudaState philox;  // unpacked in the kernel (CUDA-graph safe)
   int64_t* rng_out;            // [2] (seed, offset), written by the forward
+  uint16_t* keep_out;          // the dropout keep flags (attn_keep_words layout), or nullptr: not saved
   void* out;                   // [B, H, Lq, D], strides oq_*
   float* lse;                  // [B, H, Lq] contiguous, natural log; -inf for a query without unpadded keys
   float* out_f32;              // [B, H, Lq, D] fp32 copy of out before rounding (fp16/bf16), or nullptr; oq_*
   // Backward.
   const int64_t* rng_in;  // [2] (seed, offset) from the forward
+  const uint16_t* keep_in;  // the forward's saved keep flags, or nullptr: drawn again from (seed, offset)
   const float* o;         // forward output before rounding [B, H, Lq, D] fp32, strides oq_*
   const void* dout;       // [B, H, Lq, D], strides oq_*
   const float* lse_in;    // [B, H, Lq] contiguous

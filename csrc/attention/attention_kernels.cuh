@@ -114,6 +114,11 @@ __device__ __forceinline__ float key_bias(const AttnParams& p, int b, int j) {
   return (j < p.Lk && !(p.mask != nullptr && p.mask[static_cast<int64_t>(b) * p.Lk + j])) ? 0.f : -INFINITY;
 }
 
+// Offset (in 16-bit words) of the saved keep flags of (bh, row) for the key tile starting at key n0.
+__device__ __forceinline__ int64_t keep_index(const AttnParams& p, int64_t bh, int row, int n0) {
+  return ((bh * p.Lq + row) * ((p.Lk + kBlockN - 1) / kBlockN) + n0 / kBlockN) * 4;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) {
   constexpr int DP = D + 8, NP = kBlockN + 8, KD = D / 16;
@@ -194,6 +199,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
         o[dt][2 * r + 1] *= alpha;
       }
     }
+    uint32_t kept[2] = {0u, 0u};  // this lane's keep flags of rows row0 and row0 + 8 (attn_keep_words layout)
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       s[nt][0] = exp2f(s[nt][0] - mu[0]);
@@ -204,11 +210,20 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const AttnParams p) 
       l_run[1] += s[nt][2] + s[nt][3];
       if (p.dropout) {
         const U32x4 rnd = attn_dropout_block(seed, offset, bh, row0, n0 + nt * 8 + 2 * t);
-        s[nt][0] = rnd.x >= p.threshold ? s[nt][0] : 0.f;
-        s[nt][1] = rnd.y >= p.threshold ? s[nt][1] : 0.f;
-        s[nt][2] = rnd.z >= p.threshold ? s[nt][2] : 0.f;
-        s[nt][3] = rnd.w >= p.threshold ? s[nt][3] : 0.f;
+        const bool k0 = rnd.x >= p.threshold, k1 = rnd.y >= p.threshold;
+        const bool k2 = rnd.z >= p.threshold, k3 = rnd.w >= p.threshold;
+        kept[0] |= (uint32_t(k0) | uint32_t(k1) << 1) << (2 * nt);
+        kept[1] |= (uint32_t(k2) | uint32_t(k3) << 1) << (2 * nt);
+        s[nt][0] = k0 ? s[nt][0] : 0.f;
+        s[nt][1] = k1 ? s[nt][1] : 0.f;
+        s[nt][2] = k2 ? s[nt][2] : 0.f;
+        s[nt][3] = k3 ? s[nt][3] : 0.f;
       }
+    }
+    if (p.keep_out != nullptr) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (row0 + 8 * r < p.Lq) p.keep_out[keep_index(p, bh, row0 + 8 * r, n0) + t] = static_cast<uint16_t>(kept[r]);
     }
 #pragma unroll
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
@@ -341,11 +356,20 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
         dev::mma16816<T>(dp[nt], da[kk], b0, b1);
       }
     }
+    uint32_t kept[2] = {0u, 0u};  // the forward's saved keep flags of rows row0, row0 + 8 (keep_in)
+    if (p.dropout && p.keep_in != nullptr) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (row0 + 8 * r < p.Lq) kept[r] = p.keep_in[keep_index(p, bh, row0 + 8 * r, n0) + t];
+    }
 #pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       const float bias[2] = {kbias[nt * 8 + 2 * t], kbias[nt * 8 + 2 * t + 1]};
       float kf[4] = {p.keep_scale, p.keep_scale, p.keep_scale, p.keep_scale};
-      if (p.dropout) {
+      if (p.dropout && p.keep_in != nullptr) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) kf[e] = (kept[e / 2] >> (2 * nt + e % 2)) & 1u ? p.keep_scale : 0.f;
+      } else if (p.dropout) {
         const U32x4 rnd = attn_dropout_block(seed, offset, bh, row0, n0 + nt * 8 + 2 * t);
         kf[0] = rnd.x >= p.threshold ? p.keep_scale : 0.f;
         kf[1] = rnd.y >= p.threshold ? p.keep_scale : 0.f;
@@ -393,7 +417,7 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
   __shared__ __align__(16) T Qt[D * MP];
   __shared__ __align__(16) T dOt[D * MP];
   __shared__ float lse_s[kBlockM], delta_s[kBlockM];
-  __shared__ uint8_t keep_s[kBlockM * kBlockN];  // [query][key] dropout keep flags of the current tile
+  __shared__ uint16_t keep_w[kBlockM * 4];  // [query][word] dropout keep flags of the tile (attn_keep_words layout)
 
   const int nnb = (p.Lk + kBlockN - 1) / kBlockN;
   const int bh = blockIdx.x / nnb, n0 = (blockIdx.x % nnb) * kBlockN;
@@ -446,16 +470,25 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
       lse_s[tid] = lse2_of(p, bh, m0 + tid);
       delta_s[tid] = m0 + tid < p.Lq ? p.delta[row_base + m0 + tid] : 0.f;
     }
-    if (p.dropout) {  // one Philox block = queries (i, i + 8) x keys (j, j + 1)
-      for (int c = tid; c < kBlockM * kBlockN / 4; c += kThreads) {
-        const int jl = 2 * (c % (kBlockN / 2)), grp = c / (kBlockN / 2);
-        const int il = (grp / 8) * 16 + grp % 8;
-        const U32x4 rnd = attn_dropout_block(seed, offset, bh, m0 + il, n0 + jl);
-        keep_s[il * kBlockN + jl] = rnd.x >= p.threshold;
-        keep_s[il * kBlockN + jl + 1] = rnd.y >= p.threshold;
-        keep_s[(il + 8) * kBlockN + jl] = rnd.z >= p.threshold;
-        keep_s[(il + 8) * kBlockN + jl + 1] = rnd.w >= p.threshold;
+    if (p.dropout && p.keep_in != nullptr) {  // the forward's flags; rows past Lq (P = 0 there) read as dropped
+      for (int c = tid; c < kBlockM * 4; c += kThreads) {
+        const int row = m0 + c / 4;
+        keep_w[c] = row < p.Lq ? p.keep_in[keep_index(p, bh, row, n0) + c % 4] : uint16_t(0);
       }
+    } else if (p.dropout) {
+      // drawn again: one thread per (query pair il / il + 8, word w), one Philox block = queries (il, il + 8) x
+      // keys (j, j + 1) for each of the word's eight key pairs j = 8 * n + 2 * w
+      static_assert(kBlockM / 2 * 4 == kThreads, "one thread per query pair and word");
+      const int w = tid % 4, grp = tid / 4, il = (grp / 8) * 16 + grp % 8;
+      uint32_t lo = 0u, hi = 0u;
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 8; ++nt) {
+        const U32x4 rnd = attn_dropout_block(seed, offset, bh, m0 + il, n0 + nt * 8 + 2 * w);
+        lo |= (uint32_t(rnd.x >= p.threshold) | uint32_t(rnd.y >= p.threshold) << 1) << (2 * nt);
+        hi |= (uint32_t(rnd.z >= p.threshold) | uint32_t(rnd.w >= p.threshold) << 1) << (2 * nt);
+      }
+      keep_w[il * 4 + w] = static_cast<uint16_t>(lo);
+      keep_w[(il + 8) * 4 + w] = static_cast<uint16_t>(hi);
     }
     dev::block_sync();
 
@@ -481,7 +514,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const AttnParam
         const int r = e / 2, ql = nt * 8 + 2 * t + (e % 2);  // key row g + 8r of the warp, local query ql
         const float pr = kvalid[r] ? exp2f(fmaf(st[nt][e], p.scale_log2, -lse_s[ql])) : 0.f;
         float kf = p.keep_scale;
-        if (p.dropout) kf = keep_s[ql * kBlockN + wr + g + 8 * r] ? p.keep_scale : 0.f;
+        // key wr + g + 8r of the tile: word g / 2, bit 2 * (key / 8) + key % 2 = 2 * (2 * warp + r) + g % 2
+        if (p.dropout) kf = (keep_w[ql * 4 + g / 2] >> (2 * (2 * warp + r) + g % 2)) & 1u ? p.keep_scale : 0.f;
         dpt[nt][e] = pr * (dpt[nt][e] * kf - delta_s[ql]);  // dS^T (without the softmax scale)
         st[nt][e] = pr * kf;                                 // Z^T = dropped, rescaled P^T
       }

@@ -117,12 +117,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_forw
   const at::Tensor mask = mask_layout(mask_in);
   at::Tensor out = empty_blhd(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  at::Tensor rng_state = at::empty({2}, q.options().dtype(at::kLong));
+  // the tensor-core kernels (fp16/bf16) save the dropout flags they draw after (seed, offset) in rng_state
+  const bool keep_bits = dropout_p > 0.0 && q.scalar_type() != at::kFloat && attn_keep_bits_enabled();
+  const int64_t words = keep_bits ? attn_keep_words(q.size(0), q.size(1), q.size(2), k.size(2)) : 0;
+  at::Tensor rng_state = at::empty({2 + words}, q.options().dtype(at::kLong));
   at::Tensor out_f32 = make_out_f32(q);
   AttnParams p = base_params(q, k, v, mask, dropout_p);
   blhd_strides(out, p.oq_sb, p.oq_sh, p.oq_sl);  // out and out_f32
   p.philox = philox;
   p.rng_out = rng_state.mutable_data_ptr<int64_t>();
+  p.keep_out = words > 0 ? reinterpret_cast<uint16_t*>(p.rng_out + 2) : nullptr;
   p.out = out.data_ptr();
   p.lse = lse.mutable_data_ptr<float>();
   p.out_f32 = out_f32.numel() > 0 ? out_f32.mutable_data_ptr<float>() : nullptr;
@@ -155,6 +159,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_launch(
   blhd_strides(dq, p.oq_sb, p.oq_sh, p.oq_sl);  // dq, dout and o
   blhd_strides(dk, p.ok_sb, p.ok_sh, p.ok_sl);  // dk and dv
   p.rng_in = rng.const_data_ptr<int64_t>();
+  // saved flags (only a tensor-core forward writes them, so only those kernels read them); else drawn again
+  p.keep_in = rng.numel() > 2 && p.dropout && q.scalar_type() != at::kFloat
+                  ? reinterpret_cast<const uint16_t*>(p.rng_in + 2) : nullptr;
   p.o = o.const_data_ptr<float>();
   p.dout = go.data_ptr();
   p.lse_in = lse_c.const_data_ptr<float>();

@@ -10,7 +10,7 @@ from torch import nn
 from detr_fast.models.backbone import Backbone, Joiner
 from detr_fast.models.cast import autocast_dtype, cast_targets, flat_cast
 from detr_fast.models.fold import (TrunkFold, fold_frozen_bn, fuse_bias_act, fuse_conv_relu, fuse_residual_grad,
-                                   pad_stem_channels)
+                                   pad_stem_channels, stem_space_to_depth)
 from detr_fast.models.linear import bias_grad_mm
 from detr_fast.models.position_encoding import PositionEmbeddingSine
 from detr_fast.models.transformer import Transformer
@@ -102,6 +102,8 @@ def build_detr(cfg) -> DETR:
                 fuse_residual_grad(backbone)
     if m.stem_pad_channels:
         pad_stem_channels(backbone, m.stem_pad_channels)
+    if m.stem_space_to_depth:
+        stem_space_to_depth(backbone)
     if m.nhwc_pool and m.backbone != "light":
         backbone.body.maxpool = MaxPoolNHWC(backbone.body.maxpool)
     joiner = Joiner(backbone, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))

@@ -42,6 +42,15 @@ aliases (_ForkReLUGrad) whose backward sums and masks the two gradients in one d
 four. The values are bit-identical. Consecutive stages are joined the same way by the trunk's ChainedLayerGetter where
 the first stage's output is not returned as a feature. A stage or block that carries a forward hook (it would see an
 unmasked output), and torch.compile's tracing, run the plain path.
+
+stem_space_to_depth (model.stem_space_to_depth) rewrites the stem convolution (7x7, stride 2, padding 3, 3 input
+channels), where no gradient flows, as a stride-1 4x4 convolution: with x' the input zero-padded by 3 on top and
+left and W8 the weight zero-padded to 8x8, out[y, x] = sum_{i,j<8} W8[i, j] x'[2y + i, 2x + j]; writing i = 2a + r,
+j = 2b + s gives sum_{a,b<4} sum_{r,s<2} W8[2a + r, 2b + s] x'[2(y + a) + r, 2(x + b) + s], a stride-1 convolution
+of S[(c, r, s)][Y, X] = x'[2Y + r, 2X + s] (12 channels, padded with zeros to 16) with W'[(c, r, s)][a, b] =
+W8[c, 2a + r, 2b + s]. The rows and columns S holds beyond those the plain convolution reads meet only W8's zero
+row and column. The same products, summed in another order; cuDNN runs K = 256 as an aligned implicit GEMM where
+3 channels give it a poor kernel.
 """
 from __future__ import annotations
 
@@ -108,6 +117,66 @@ def _fold_trainable(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return w * scale if dtype == w.dtype else _ScaleCast.apply(w, scale, dtype)
 
 
+def s2d_fits(weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
+    """Whether a convolution is one stem_space_to_depth rewrites: stride (2, 2), dilation 1, groups 1, a square odd
+    kernel and explicit padding."""
+    k = weight.shape[-1]
+    return (weight.dim() == 4 and weight.shape[-2] == k and k % 2 == 1 and tuple(stride) == (2, 2)
+            and tuple(dilation) == (1, 1) and groups == 1 and not isinstance(padding, str) and len(padding) == 2)
+
+
+def _s2d_channels(c: int) -> int:
+    """The space-to-depth channel count for c input channels: 4 * c rounded up to a multiple of 8 (16-byte pixels in
+    bf16 channels_last)."""
+    return -(-4 * c // 8) * 8
+
+
+def s2d_input(x: torch.Tensor, k: int, padding: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The space-to-depth S of x [B, C, H, W] for a stride-2 convolution with kernel k (odd) and padding (ph, pw):
+    S[:, c * 4 + r * 2 + s, Y, X] = x'[:, c, 2Y + r, 2X + s], x' being x zero-padded by ph on top and pw on the left
+    (and zero beyond), channels 4C..Cs zero. S is [B, Cs, Ho + k' - 1, Wo + k' - 1] in dtype and x's layout
+    (k' = (k + 1) // 2, Ho and Wo the stride-2 output's size): one zero fill and one strided copy (and cast) per
+    parity (r, s), fixed shapes only (CUDA-graph capturable)."""
+    b, c, h, w = x.shape
+    kh = (k + 1) // 2
+    (ph, pw) = padding
+    hs, ws = (h + 2 * ph - k) // 2 + kh, (w + 2 * pw - k) // 2 + kh
+    fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+    out = torch.empty((b, _s2d_channels(c), hs, ws), dtype=dtype, device=x.device, memory_format=fmt)
+    out.zero_()
+
+    def span(p: int, r: int, n: int, size: int) -> tuple[int, int, int]:
+        """(first S index, its source row or column in x, count) of the S rows (columns) of parity r that fall
+        inside x: those Y with 0 <= 2Y + r - p < n, Y < size."""
+        y0 = max(0, (p - r + 1) // 2)
+        src0 = 2 * y0 + r - p  # 0 or 1
+        return y0, src0, min(size - y0, (n - src0 + 1) // 2)
+
+    for r in (0, 1):
+        y0, row0, ny = span(ph, r, h, hs)
+        for s in (0, 1):
+            x0, col0, nx = span(pw, s, w, ws)
+            if ny > 0 and nx > 0:
+                out[:, r * 2 + s:4 * c:4, y0:y0 + ny, x0:x0 + nx].copy_(
+                    x[:, :, row0:row0 + 2 * ny - 1:2, col0:col0 + 2 * nx - 1:2])
+    return out
+
+
+def s2d_weight(weight: torch.Tensor, as_channels_last: bool) -> torch.Tensor:
+    """W [C_out, C, k, k] (k odd) -> W' [C_out, Cs, k', k'] with W'[o, c * 4 + r * 2 + s, a, b] = W8[o, c, 2a + r,
+    2b + s], W8 being W zero-padded to k + 1 on the bottom and right, channels 4C..Cs zero; the kernel that runs a
+    stride-2 convolution of x with W as a stride-1 one of s2d_input(x) with W'."""
+    o, c, k, _ = weight.shape
+    kh = (k + 1) // 2
+    w8 = F.pad(weight, (0, 2 * kh - k, 0, 2 * kh - k))  # [C_out, C, 2k', 2k']: (2a + r, 2b + s)
+    w4 = w8.reshape(o, c, kh, 2, kh, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, kh, kh)  # [C_out, (c, r, s), a, b]
+    fmt = torch.channels_last if as_channels_last else torch.contiguous_format
+    out = torch.empty((o, _s2d_channels(c), kh, kh), dtype=weight.dtype, device=weight.device, memory_format=fmt)
+    out[:, 4 * c:].zero_()
+    out[:, :4 * c] = w4
+    return out
+
+
 class FoldedConv2d(nn.Module):
     """A Conv2d followed by a FrozenBatchNorm2d, computed as one convolution with bias.
 
@@ -123,6 +192,7 @@ class FoldedConv2d(nn.Module):
         self.fused_relu = False
         self.cudnn_fusion = False  # set by fuse_conv_relu: cuDNN's fused conv + bias (+ residual) + ReLU on a GPU
         self.pad_in = 0  # set by pad_stem_channels: input and weight zero-padded to this many input channels
+        self.space_to_depth = False  # set by stem_space_to_depth: stride 2 run as stride 1 on a space-to-depth input
         object.__setattr__(self, "_bn", bn)  # not a submodule: its buffers stay under the BN's own name
         self._cache: dict = {}  # name -> (key, value, pinned storages); not a buffer: the state dict is unchanged
         # (folded weight or None, scale [C, 1, 1, 1], shift, shift in the operand dtype or None): lent by TrunkFold
@@ -193,9 +263,38 @@ class FoldedConv2d(nn.Module):
             return out
         return pad(x), pad(weight)
 
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _space_to_depth(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(S, W') whose stride-1, unpadded convolution is this stride-2 one (stem_space_to_depth), where it applies
+        (s2d_fits, and nothing needs a gradient); None otherwise. S [B, Cs, Ho + k' - 1, Wo + k' - 1] is x's space to
+        depth in the convolution's operand dtype and x's layout, W' [C_out, Cs, k', k'] the weight rearranged to
+        match (k' = ceil(k / 2), Cs = 4 * C_in rounded up to a multiple of 8). W' is cached, keyed on the folded
+        weight it comes from, and computed inline while a CUDA graph is captured (a few tiny ops)."""
+        if not self.space_to_depth or x.dim() != 4 or weight.shape[1] != x.shape[1] or not s2d_fits(
+                weight, self.stride, self.padding, self.dilation, self.groups) or (
+                torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+            return None
+        k = weight.shape[-1]
+        if any(n + 2 * p < k for n, p in zip(x.shape[2:], self.padding)):  # no output: the plain path raises
+            return None
+        cl = channels_last(x)
+        if self._lent is None and _may_cache(x):
+            w2 = self._cached("s2d_weight", (_key(weight), cl), (weight,), lambda: s2d_weight(weight, cl))
+        else:
+            w2 = s2d_weight(weight, cl)
+        return s2d_input(x, k, self.padding, autocast_dtype(x, self.weight)), w2
+
+    def _operands(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
+        """(input, weight, stride, padding) the convolution runs on: the space-to-depth form where it applies (it
+        wins over pad_in), else the channel-padded operands (_padded), else x and weight as they are."""
+        s2d = self._space_to_depth(x, weight)
+        if s2d is not None:
+            return s2d[0], s2d[1], (1, 1), (0, 0)
         x, weight = self._padded(x, weight)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return x, weight, self.stride, self.padding
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x, weight, stride, padding = self._operands(x, weight)
+        return F.conv2d(x, weight, bias, stride, padding, self.dilation, self.groups)
 
     def conv_nobias(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the folded convolution of x without its bias, the bias [C_out] in the BN's dtype) for a caller that adds
@@ -224,11 +323,13 @@ class FoldedConv2d(nn.Module):
         weight, shift = self._folded(x, cast_shift=combine is None)
         if combine is not None:
             shift = combine(shift)
-        # each a no-op where the tensor already has the dtype (the cached folded weight and cast shift do)
-        x, weight, shift = x.to(dtype), weight.to(dtype), shift.to(dtype)
-        x, weight = self._padded(x, weight)
+        # each a no-op where the tensor already has the dtype (the cached folded weight and cast shift do); x is cast
+        # after _operands, whose space-to-depth copies cast it on the way
+        weight, shift = weight.to(dtype), shift.to(dtype)
+        x, weight, stride, padding = self._operands(x, weight)
+        x = x.to(dtype)
         residual = residual.to(dtype) if residual is not None else None
-        conv = (self.stride, self.padding, self.dilation, self.groups)
+        conv = (stride, padding, self.dilation, self.groups)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, shift, residual)):
             return _ConvBiasReLU.apply(x, weight, shift, residual, *conv, mask_grad)
         return _cudnn_forward(x, weight, shift, residual, *conv)
@@ -241,7 +342,8 @@ class FoldedConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, stride={self.stride}" + (
-            ", fused_relu=True" if self.fused_relu else "") + (", cudnn_fusion=True" if self.cudnn_fusion else "")
+            ", fused_relu=True" if self.fused_relu else "") + (", cudnn_fusion=True" if self.cudnn_fusion else "") + (
+            ", space_to_depth=True" if self.space_to_depth else "")
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -468,6 +570,23 @@ def pad_stem_channels(module: nn.Module, channels: int) -> int:
         conv = getattr(parent, "conv1", None) if isinstance(parent, (ResNet, IntermediateLayerGetter)) else None
         if isinstance(conv, FoldedConv2d) and conv.weight.shape[1] < channels:
             conv.pad_in = channels
+            count += 1
+    return count
+
+
+def stem_space_to_depth(module: nn.Module) -> int:
+    """Let the folded stem convolution of module (ResNet's conv1: 3 input channels, 7x7, stride 2, padding 3) run
+    where no gradient flows as a stride-1, unpadded 4x4 convolution over the space-to-depth of its input (16 channels:
+    12 from the 2x2 pixel blocks, 4 zero) with the weight rearranged to match (model.stem_space_to_depth): the same
+    products, exact up to the summation order, while with 3 input channels cuDNN has no efficient kernel for it.
+    Takes precedence over pad_stem_channels where both are set (the space-to-depth input is already padded to a
+    multiple of 8 channels). Returns the convolutions marked (0 or 1)."""
+    count = 0
+    for parent in module.modules():
+        conv = getattr(parent, "conv1", None) if isinstance(parent, (ResNet, IntermediateLayerGetter)) else None
+        if isinstance(conv, FoldedConv2d) and s2d_fits(conv.weight, conv.stride, conv.padding, conv.dilation,
+                                                       conv.groups):
+            conv.space_to_depth = True
             count += 1
     return count
 

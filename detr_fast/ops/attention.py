@@ -15,8 +15,11 @@ Under autocast, fp32 inputs run in the autocast dtype.
 
 Dropout acts on the attention weights: a weight is kept with probability 1 - dropout_p and scaled by
 1 / (1 - dropout_p). The keep decisions come from a counter-based Philox stream keyed by (seed, offset) and the
-element's (b, h, i, j) index (csrc/common/philox.h), so the backward regenerates the forward's mask without
-storing it. Without an explicit seed, (seed, offset) are drawn from the device's default torch generator: on CUDA
+element's (b, h, i, j) index (csrc/common/philox.h), so the backward can regenerate the forward's mask. The
+tensor-core CUDA forward (fp16/bf16) instead saves the keep flags it drew, one bit per weight, after (seed, offset)
+in rng_state (9 MB for DETR's encoder at batch 8), and the backward reads them: the two backward kernels would
+otherwise draw every flag again, each (the Philox rounds cost more than the softmax arithmetic at head dim 32). The
+values are the same either way; DETR_FAST_ATTN_KEEP_BITS=0 in the environment turns the saving off. Without an explicit seed, (seed, offset) are drawn from the device's default torch generator: on CUDA
 the generator's seed and a reserved offset range (philox_cuda_state, no host sync, CUDA-graph safe); on the CPU a
 seed drawn from the CPU generator. torch.manual_seed therefore makes runs reproducible. `attention_with_state`
 returns the (seed, offset) used, and `dropout_mask` rebuilds the keep mask from it.
@@ -27,6 +30,7 @@ the unrounded fp32 output, for fp16/bf16 inputs so that rowsum(grad_out * out) c
 """
 from __future__ import annotations
 
+import os
 
 import torch
 
@@ -76,7 +80,8 @@ def attention(q, k, v, key_padding_mask=None, dropout_p=0.0):
 
 
 def attention_with_state(q, k, v, key_padding_mask=None, dropout_p=0.0, seed=None, offset=0):
-    """The kernel op itself: -> (out [B, H, Lq, D], lse [B, H, Lq], rng_state [2] int64 = (seed, offset)).
+    """The kernel op itself: -> (out [B, H, Lq, D], lse [B, H, Lq], rng_state int64 = (seed, offset) and, from the
+    tensor-core CUDA forward with dropout, the keep flags it saved for the backward: rng_state[:2] is the stream).
 
     Differentiable in q, k, v through `out` (lse is not differentiable). With `seed` given, dropout uses the
     stream (seed, offset) instead of drawing from the generator (deterministic; for tests and opcheck).
@@ -101,6 +106,22 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def keep_bits_enabled() -> bool:
+    """Whether the tensor-core CUDA forward saves its dropout flags (csrc/attention/attention_common.h reads the
+    same variable)."""
+    return os.environ.get("DETR_FAST_ATTN_KEEP_BITS", "1") != "0"
+
+
+def rng_state_numel(q: torch.Tensor, k: torch.Tensor, dropout_p: float) -> int:
+    """The length of the rng_state the forward returns for these inputs: 2, plus one int64 per (b, h, query row,
+    64-key tile) where the tensor-core CUDA kernels save their dropout flags."""
+    if not (dropout_p > 0 and q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and keep_bits_enabled()):
+        return 2
+    B, H, Lq, _ = q.shape
+    return 2 + B * H * Lq * ((k.shape[2] + 63) // 64)
+
+
 def _register() -> None:
     @torch.library.register_fake("detr_fast::attention")
     def _attention_fake(q, k, v, key_padding_mask, dropout_p, seed=None, offset=0):
@@ -108,7 +129,7 @@ def _register() -> None:
         B, H, Lq, _ = q.shape
         low = q.dtype in (torch.float16, torch.bfloat16)
         return (empty_blhd(q, q.shape), q.new_empty((B, H, Lq), dtype=_lse_dtype(q)),
-                q.new_empty((2,), dtype=torch.int64),
+                q.new_empty((rng_state_numel(q, k, dropout_p),), dtype=torch.int64),
                 empty_blhd(q, q.shape, torch.float32) if low else q.new_empty((0,), dtype=torch.float32))
 
     @torch.library.register_fake("detr_fast::attention_backward")

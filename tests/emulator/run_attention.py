@@ -63,7 +63,9 @@ def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, stride
     if not all(t.transpose(1, 2).is_contiguous() for t in (out, dq, dk, dv)):
         print("FAIL outputs and gradients are not laid out [B, L, H, D]")
         return False
-    assert rng.tolist() == ([seed, offset] if p > 0 else [0, 0]), rng
+    assert rng[:2].tolist() == ([seed, offset] if p > 0 else [0, 0]), rng[:2]
+    if not check_saved_flags(emu, rng, keep, mask, (gol, ql, kl, vl, out_acc, lse, mask, p), (dq, dk, dv), dtype):
+        return False
 
     def ref(dt):
         ts = [t.to(dt).requires_grad_(True) for t in (q, k, v)]
@@ -92,6 +94,51 @@ def run_case(emu, B, H, Lq, Lk, D, dtype, masked, p, seed=1234, offset=8, stride
     print(("PASS " if ok else "FAIL ") + label + " | " + " ".join(rows) + f" | lse {'ok' if lse_ok else 'BAD'}",
           flush=True)
     return ok
+
+
+def saved_words(keep: torch.Tensor) -> torch.Tensor:
+    """The 16-bit words the tensor-core forward saves for a keep mask [B, H, Lq, Lk] (attention_common.h's layout):
+    [B, H, Lq, tiles, 4], word t of a 64-key tile holding key 8 n + 2 t + e at bit 2 n + e."""
+    B, H, Lq, Lk = keep.shape
+    tiles = (Lk + 63) // 64
+    k = torch.zeros(B, H, Lq, tiles * 64, dtype=torch.int32)
+    k[..., :Lk] = keep.to(torch.int32)
+    k = k.view(B, H, Lq, tiles, 8, 4, 2).permute(0, 1, 2, 3, 5, 4, 6).reshape(B, H, Lq, tiles, 4, 16)
+    return (k << torch.arange(16, dtype=torch.int32)).sum(-1, dtype=torch.int32)
+
+
+def check_saved_flags(emu, rng, keep, mask, bwd_args, grads, dtype) -> bool:
+    """Where the tensor-core forward ran with dropout: rng_state carries its keep flags after (seed, offset), equal to
+    the keep mask in every tile the kernels visit, and the backward that reads them returns the gradients of the one
+    that draws them again from rng_state[:2], bit for bit. Elsewhere rng_state is (seed, offset) alone."""
+    go, q, k, v, out_acc, lse, mask_, p = bwd_args
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    tiles = (Lk + 63) // 64
+    if keep is None or dtype == torch.float32:
+        if rng.numel() != 2:
+            print(f"FAIL rng_state has {rng.numel()} elements where no flags are saved")
+            return False
+        return True
+    if rng.numel() != 2 + B * H * Lq * tiles:
+        print(f"FAIL rng_state has {rng.numel()} elements, expected 2 + {B * H * Lq * tiles}")
+        return False
+    words = (rng[2:].view(torch.int16).to(torch.int32) & 0xFFFF).view(B, H, Lq, tiles, 4)
+    visited = torch.ones(B, tiles, dtype=torch.bool)  # tiles with an unpadded key: the forward writes them
+    if mask is not None:
+        unpadded = torch.zeros(B, tiles * 64, dtype=torch.bool)
+        unpadded[:, :Lk] = ~mask
+        visited = unpadded.view(B, tiles, 64).any(-1)
+    sel = visited[:, None, None, :, None].expand_as(words)
+    in_range = saved_words(torch.ones_like(keep))  # the flags of keys past Lk are drawn but never read
+    if not torch.equal((words & in_range)[sel], saved_words(keep)[sel]):
+        print("FAIL the saved dropout flags differ from the keep mask")
+        return False
+    again = emu.backward(go, q, k, v, out_acc, lse, mask_, p, rng[:2].clone())
+    if not all(torch.equal(a, b) for a, b in zip(grads, again)):
+        print("FAIL the backward reading the saved flags differs from the one drawing them again")
+        return False
+    return True
 
 
 # (B, H, Lq, Lk, D, dtype, masked, p[, seed, offset, strided]): both head dims, all three kernels' dtypes, odd
