@@ -154,11 +154,11 @@ have_dali() { [ "$DRY_RUN" = 1 ] || $PY -c "import nvidia.dali" 2>/dev/null; }
 # test_graphs, test_fast_path, test_engine run attention with dropout on the GPU), the space-to-depth stem, the
 # stem_pad test fixed after its 2026-11-27 failure; then the rest of what the 2026-11-27 lease ran once. The graph and
 # fast-path tests first: they say whether the graph variants' figures are of a correct step.
-NEW_TESTS="tests/test_graphs.py tests/test_fast_path.py tests/test_attention.py tests/test_stem_s2d.py
+NEW_TESTS=${NEW_TESTS:-"tests/test_graphs.py tests/test_fast_path.py tests/test_attention.py tests/test_stem_s2d.py
   tests/test_stem_pad.py tests/test_residual_grad.py tests/test_bias_grad_mm.py tests/test_scale_many.py
   tests/test_max_pool_nhwc.py tests/test_fused_backbone.py tests/test_engine.py tests/test_layernorm.py
   tests/test_bias_act.py tests/test_relu_dropout.py tests/test_box_ops.py tests/test_assignment.py tests/test_dali.py
-  tests/test_dali_engine.py tests/test_data.py"
+  tests/test_dali_engine.py tests/test_data.py"}
 BENCH_OPS=matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout
 BENCH_OPS+=,scale_many,max_pool2d_nhwc,relu_backward_sum
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
