@@ -22,12 +22,12 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
                 cuDNN call; on a GPU only, elsewhere it is fast_fused)
   fast_all      fast_tuned captured as one CUDA graph (a GPU only)
   fast_fused_graph, fast_cudnn_graph   fast_fused and fast_cudnn captured as one CUDA graph
-  fast_best_graph   fast_cudnn_graph with bias_grad_mm, nhwc_pool and residual_grad_fusion: the step of
-                configs/detr_r50_coco_fast.yaml (each timed as a gain, benchmarks/RESULTS.md)
+  fast_best_graph   fast_cudnn_graph with bias_grad_mm, nhwc_pool, residual_grad_fusion and stem_space_to_depth:
+                the step of configs/detr_r50_coco_fast.yaml (each timed as a gain, benchmarks/RESULTS.md)
   fast_nobits_graph   fast_best_graph with DETR_FAST_ATTN_KEEP_BITS=0: the attention backward draws the dropout
                 flags again instead of reading those the forward saved (the same values)
-  fast_s2d_graph   fast_best_graph with model.stem_space_to_depth (the stem as a 4x4 stride-1 convolution on a
-                space-to-depth input of 16 channels)
+  fast_s2d_graph   fast_best_graph (it was fast_best_graph plus model.stem_space_to_depth when that was timed on
+                2026-11-27, before fast_best_graph took it too)
   fast_compile_graph   fast_fused under torch.compile (Inductor), captured as one CUDA graph
   fast_bgrad, fast_bgrad_graph   fast_cudnn with model.bias_grad_mm (linear bias gradients as matrix products),
                 eager and as one CUDA graph
@@ -74,9 +74,9 @@ from detr_fast.models import build_detr, fold
 
 # the five model options of the fast path, each computing the same function (config.py)
 FUSIONS = dict(fused_norm=True, fused_bias_act=True, flat_cast=True, packed_proj=True, fused_ffn=True)
-# the options an H100 run of 2026-11-27 timed as gains on top of fast_cudnn_graph (RESULTS.md): with conv_fusion, the
-# step of configs/detr_r50_coco_fast.yaml
-BEST = dict(conv_fusion=True, bias_grad_mm=True, nhwc_pool=True, residual_grad_fusion=True)
+# the options two H100 calls of 2026-11-27 timed as gains on top of fast_cudnn_graph (RESULTS.md): with conv_fusion,
+# the step of configs/detr_r50_coco_fast.yaml
+BEST = dict(conv_fusion=True, bias_grad_mm=True, nhwc_pool=True, residual_grad_fusion=True, stem_space_to_depth=True)
 
 VARIANTS = {
     "ref_fp32": dict(kernels="reference", attention="reference", fold_bn=False, channels_last=False, amp="none",
@@ -132,7 +132,7 @@ VARIANTS = {
     "fast_nobits_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                               tf32=True, compile=False, **FUSIONS, **BEST, graph=True, attn_keep_bits=False),
     "fast_s2d_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
-                           tf32=True, compile=False, **FUSIONS, **BEST, stem_space_to_depth=True, graph=True),
+                           tf32=True, compile=False, **FUSIONS, **BEST, graph=True),
     "fast_cudnn_perconv_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True,
                                      amp="bf16", tf32=True, compile=False, **FUSIONS, conv_fusion=True, graph=True,
                                      trainable_scale_many=False),

@@ -42,13 +42,11 @@ case "${PROFILE:-all}" in
     # parts next (they also say whether a graph variant's figure is of a correct step)
     DEFAULT_STAGES="wheels build throw_check bench_step charts tests_new dali_check bench_data"
     # the decisive variants first (the stage's time limit keeps what finished): the two references, the fast
-    # config's step as a graph (fast_best_graph: conv_fusion, bias_grad_mm, nhwc_pool, residual_grad_fusion, each
-    # timed as a gain on an H100 on 2026-11-27), then one change each against it: the attention backward drawing the
-    # dropout flags again instead of reading the saved ones (fast_nobits_graph), the space-to-depth stem
-    # (fast_s2d_graph); then the previous config's step (fast_cudnn_graph) and, last, the fast step under
-    # torch.compile, whose compile time is the least certain
-    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_best_graph,fast_nobits_graph,fast_s2d_graph,fast_cudnn_graph
-    DEFAULT_VARIANTS+=,fast_compile_graph
+    # config's step as a graph (fast_best_graph: conv_fusion, bias_grad_mm, nhwc_pool, residual_grad_fusion,
+    # stem_space_to_depth, each timed as a gain on an H100 on 2026-11-27), then the attention backward drawing the
+    # dropout flags again instead of reading the saved ones (fast_nobits_graph), the previous configs' steps
+    # (fast_cudnn_graph) and, last, the fast step under torch.compile, whose compile time is the least certain
+    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_best_graph,fast_nobits_graph,fast_cudnn_graph,fast_compile_graph
     # and training throughput over batches of different shapes (the graph variant pads them to fixed sizes)
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast_best_graph
     DEFAULT_DEADLINE=470 ;;
@@ -64,7 +62,7 @@ case "${PROFILE:-all}" in
     DEFAULT_STAGES="wheels build throw_check dali_check validate tests bench_ops bench_assignment bench_attention"
     DEFAULT_STAGES+=" bench_step charts bench_data"
     # the cheap, decisive variants first; the compile variants (long compile times) last
-    DEFAULT_VARIANTS=ref_tf32,fast_best_graph,fast_nobits_graph,fast_s2d_graph,fast_cudnn_graph,fast_next_graph
+    DEFAULT_VARIANTS=ref_tf32,fast_best_graph,fast_nobits_graph,fast_cudnn_graph,fast_next_graph
     DEFAULT_VARIANTS+=,fast_rgrad_graph,fast_bgrad_graph,fast_pool_graph
     DEFAULT_VARIANTS+=,fast_stem8_graph,fast_cudnn_perconv_graph,fast_fused_graph,fast_all
     DEFAULT_VARIANTS+=,fast_graph,fast,fast_fused,fast_cudnn,fast_bgrad,fast_tuned,fast_cast,fast_proj,fast_ffn

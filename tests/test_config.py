@@ -19,12 +19,13 @@ def test_shipped_configs_load():
     assert m.fused_norm and m.fused_bias_act and m.flat_cast and m.packed_proj and m.fused_ffn and m.channels_last
     assert m.fold_bn and m.conv_fusion and not coco.model.conv_fusion
     # the options timed as gains on a GPU are on; stem_pad_channels (timed as a loss) is off
-    assert m.bias_grad_mm and m.nhwc_pool and m.residual_grad_fusion and m.stem_pad_channels == 0
+    assert m.bias_grad_mm and m.nhwc_pool and m.residual_grad_fusion and m.stem_space_to_depth
+    assert m.stem_pad_channels == 0
     assert fast.train.amp == "bf16"
     # the paper's settings otherwise: the two files differ only in the fast-path options, amp and the output folder
     skip = {("model", k) for k in ("channels_last", "fused_norm", "fused_bias_act", "flat_cast", "packed_proj",
                                    "fused_ffn", "conv_fusion", "bias_grad_mm", "nhwc_pool",
-                                   "residual_grad_fusion")}
+                                   "residual_grad_fusion", "stem_space_to_depth")}
     skip |= {("train", "amp"), ("train", "output_dir")}
     for section in ("model", "loss", "data", "train"):
         a, b = vars(getattr(coco, section)), vars(getattr(fast, section))
