@@ -43,10 +43,12 @@ case "${PROFILE:-all}" in
     DEFAULT_STAGES="wheels build throw_check bench_step charts tests_new dali_check bench_data"
     # the decisive variants first (the stage's time limit keeps what finished): the two references, the fast
     # config's step as a graph (fast_best_graph: conv_fusion, bias_grad_mm, nhwc_pool, residual_grad_fusion,
-    # stem_space_to_depth, each timed as a gain on an H100 on 2026-11-27), then the attention backward drawing the
-    # dropout flags again instead of reading the saved ones (fast_nobits_graph), the previous configs' steps
+    # stem_space_to_depth, each timed as a gain on an H100 on 2026-11-27), then the stem's space-to-depth input built
+    # by copies instead of our kernel (fast_s2dcopy_graph), the attention backward drawing the dropout flags again
+    # instead of reading the saved ones (fast_nobits_graph), the previous configs' steps
     # (fast_cudnn_graph) and, last, the fast step under torch.compile, whose compile time is the least certain
-    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_best_graph,fast_nobits_graph,fast_cudnn_graph,fast_compile_graph
+    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_best_graph,fast_s2dcopy_graph,fast_nobits_graph,fast_cudnn_graph
+    DEFAULT_VARIANTS+=,fast_compile_graph
     # and training throughput over batches of different shapes (the graph variant pads them to fixed sizes)
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast_best_graph
     DEFAULT_DEADLINE=470 ;;
@@ -148,17 +150,17 @@ build_ext() {
 export -f install_wheels dali_check build_ext
 have_dali() { [ "$DRY_RUN" = 1 ] || $PY -c "import nvidia.dali" 2>/dev/null; }
 
-# the CUDA tests of what has never run on a GPU: the attention kernels' saved dropout flags (test_attention,
-# test_graphs, test_fast_path, test_engine run attention with dropout on the GPU), the space-to-depth stem, the
-# stem_pad test fixed after its 2026-11-27 failure; then the rest of what the 2026-11-27 lease ran once. The graph and
+# the CUDA tests of what has never run on a GPU: the space_to_depth kernel (test_stem_s2d), LayerNorm's column sums
+# with 32 x 32 blocks (test_layernorm), the attention kernels' saved dropout flags (test_attention, test_graphs,
+# test_fast_path, test_engine run attention with dropout on the GPU); then the rest of what the 2026-11-27 lease ran once. The graph and
 # fast-path tests first: they say whether the graph variants' figures are of a correct step.
-NEW_TESTS=${NEW_TESTS:-"tests/test_graphs.py tests/test_fast_path.py tests/test_attention.py tests/test_stem_s2d.py
+NEW_TESTS=${NEW_TESTS:-"tests/test_graphs.py tests/test_fast_path.py tests/test_stem_s2d.py tests/test_layernorm.py
+  tests/test_attention.py
   tests/test_stem_pad.py tests/test_residual_grad.py tests/test_bias_grad_mm.py tests/test_scale_many.py
-  tests/test_max_pool_nhwc.py tests/test_fused_backbone.py tests/test_engine.py tests/test_layernorm.py
-  tests/test_bias_act.py tests/test_relu_dropout.py tests/test_box_ops.py tests/test_assignment.py tests/test_dali.py
+  tests/test_max_pool_nhwc.py tests/test_fused_backbone.py tests/test_engine.py tests/test_bias_act.py tests/test_relu_dropout.py tests/test_box_ops.py tests/test_assignment.py tests/test_dali.py
   tests/test_dali_engine.py tests/test_data.py"}
 BENCH_OPS=matching_cost,box_loss,linear_assignment,add_dropout_layernorm,bias_act,relu_dropout
-BENCH_OPS+=,scale_many,max_pool2d_nhwc,relu_backward_sum
+BENCH_OPS+=,scale_many,max_pool2d_nhwc,relu_backward_sum,space_to_depth
 # torch.compile(reference) only for the target shapes: compiling every shape would take minutes
 COMPILE_FILTER=${COMPILE_FILTER:-"matching_cost L=6 B=64 Q=100 T=30|box_loss N=4800 |bias_act layer1 end|relu_dropout enc FFN"}
 

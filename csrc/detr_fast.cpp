@@ -82,4 +82,10 @@ TORCH_LIBRARY(detr_fast, m) {
   // Max pool of a channels_last input (csrc/pool): x [N, C, H, W] -> [N, C, Ho, Wo] channels_last, dilation 1, floor
   // mode, padded positions ignored, NaN propagated as torch's max_pool2d does; forward only (the frozen stem's pool).
   m.def("max_pool2d_nhwc(Tensor x, int[2] kernel, int[2] stride, int[2] padding) -> Tensor");
+
+  // Space-to-depth input of a stride-2 convolution (csrc/pool): x [B, C, H, W] (any strides) -> S [B, channels, Hs,
+  // Ws] channels_last in dtype, S[b, 4c + 2r + s, Y, X] = x[b, c, 2Y + r - ph, 2X + s - pw] or zero; the stride-2
+  // convolution with an odd k x k kernel is then a stride-1 one over S with a ceil(k / 2)-wide kernel (the frozen stem:
+  // model.stem_space_to_depth). Forward only.
+  m.def("space_to_depth(Tensor x, int kernel, int[2] padding, int channels, ScalarType dtype) -> Tensor");
 }

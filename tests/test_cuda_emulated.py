@@ -373,6 +373,41 @@ def test_max_pool_nhwc_matches_torch(emu, dtype, shape, kernel, stride, padding,
     assert mismatches(emu.max_pool2d_nhwc(x, k, s, p, sms=sms), x, kernel, stride, padding) == 0
 
 
+# ---- space_to_depth ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                (torch.float32, torch.float32), (torch.float16, torch.float64)])
+@pytest.mark.parametrize("shape,kernel,padding,channels", [((2, 3, 13, 11), 7, (3, 3), 16),
+                                                           ((1, 3, 9, 8), 7, (3, 3), 12),
+                                                           ((2, 5, 6, 7), 3, (1, 0), 24),
+                                                           ((1, 2, 5, 5), 5, (0, 2), 9)])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+@pytest.mark.parametrize("sms", [1, 4])
+def test_space_to_depth_matches_reference(emu, in_dtype, out_dtype, shape, kernel, padding, channels, layout, sms):
+    """Bit for bit against reference.space_to_depth (a copy and a cast): the 16-byte vector path (16 and 24 channels
+    of 2-byte or 4-byte elements) and the element path (12, 9 channels; 8-byte elements), channels_last, contiguous
+    and strided inputs, sms=1 making the grid-stride loop go round."""
+    gen = torch.Generator().manual_seed(43)
+    x = torch.randn(*shape, generator=gen).to(in_dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(shape[0], shape[1], shape[2] + 3, 2 * shape[3], generator=gen).to(in_dtype)[:, :, 2:-1, ::2]
+    out = emu.space_to_depth(x, kernel, list(padding), channels, torch.empty(0, dtype=out_dtype), sms=sms)
+    want = reference.space_to_depth(x, kernel, padding, channels, out_dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == out_dtype
+    assert torch.equal(out, want)
+
+
+def test_space_to_depth_refuses_bad_arguments(emu):
+    x = torch.randn(1, 3, 5, 5)
+    like = torch.empty(0)
+    for kernel, padding, channels, match in [(4, [1, 1], 16, "odd"), (7, [-1, 0], 16, "non-negative"),
+                                             (7, [0, 0], 16, "smaller than the kernel"), (7, [3, 3], 11, "at least")]:
+        with pytest.raises(ValueError, match=match):
+            emu.space_to_depth(x, kernel, padding, channels, like, sms=2)
+
+
 # ---- linear_assignment -------------------------------------------------------------------------------------------
 
 ENGINES = {"auto": 0, "auction": 1, "ssp": 2}

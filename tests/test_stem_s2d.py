@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import cpu_and_cuda, registry_results
 from torchvision.models import resnet18
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_fast.config import ConfigError, load_config
 from detr_fast.models import fold
 from detr_fast.models.backbone import Backbone
+from detr_fast.ops import has_kernel, reference, space_to_depth
 from detr_fast.models.fold import (FoldedConv2d, fold_frozen_bn, fuse_bias_act, fuse_conv_relu, pad_stem_channels,
                                    stem_space_to_depth)
 
@@ -371,3 +373,92 @@ def test_marked_stem_on_gpu_by_the_low_precision_rule():
             assert outs[1].shape == ref.shape and outs[1].dtype == torch.bfloat16
             err0, err1 = ((o.double().cpu() - ref).abs().max() for o in outs)
             assert err1 <= 2 * err0 + 1e-6, (fused, err0, err1)
+
+
+# ---- the space_to_depth op (csrc/pool/s2d_*): the input of the rewritten stem in one pass -------------------------
+
+_S2D_CASES = [((2, 3, 37, 53), 7, (3, 3), 16), ((1, 3, 20, 17), 7, (3, 3), 12), ((2, 5, 9, 8), 3, (1, 0), 24),
+              ((1, 2, 7, 5), 5, (0, 2), 9), ((0, 3, 9, 9), 7, (3, 3), 16), ((1, 1, 1, 1), 1, (0, 0), 8)]
+
+
+@pytest.mark.skipif(not has_kernel("space_to_depth", "cpu"), reason="detr_fast._C is not built")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.float32, torch.bfloat16), (torch.float16, torch.float64)])
+@pytest.mark.parametrize("case", _S2D_CASES)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous", "strided"])
+def test_space_to_depth_op_equals_reference(device, in_dtype, out_dtype, case, layout):
+    """The op equals reference.space_to_depth (zero fill + strided copies) bit for bit: a copy and a cast, for
+    channels_last, contiguous and strided inputs, odd sizes, an empty batch and a 1x1 input, 16-byte vector channel
+    counts (16, 24) and others (12, 9, 8 in float64); the output is channels_last in the asked dtype."""
+    shape, kernel, padding, channels = case
+    gen = torch.Generator().manual_seed(sum(shape) + kernel)
+    x = torch.randn(*shape, generator=gen).to(in_dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        big = torch.randn(shape[0], shape[1], shape[2] + 3, 2 * shape[3], generator=gen).to(in_dtype)
+        x = big[:, :, 2:2 + shape[2], ::2]
+    want = reference.space_to_depth(x, kernel, padding, channels, out_dtype)
+    out = space_to_depth(x.to(device), kernel, padding, channels, out_dtype)
+    assert out.dtype == out_dtype and out.device.type == device
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == want.shape
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.skipif(not has_kernel("space_to_depth", "cpu"), reason="detr_fast._C is not built")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_space_to_depth_op_refuses_bad_arguments(device):
+    op = torch.ops.detr_fast.space_to_depth
+    x = torch.randn(1, 3, 5, 5, device=device)
+    for args, match in [((x, 4, [1, 1], 16, torch.float32), "odd"),
+                        ((x, 7, [-1, 0], 16, torch.float32), "non-negative"),
+                        ((x, 7, [0, 0], 16, torch.float32), "smaller than the kernel"),
+                        ((x, 7, [3, 3], 11, torch.float32), "at least"),
+                        ((x[0], 7, [3, 3], 16, torch.float32), r"\[B, C, H, W\]"),
+                        ((x.to(torch.int32), 7, [3, 3], 16, torch.float32), "float32"),
+                        ((x, 7, [3, 3], 16, torch.int64), "dtype")]:
+        with pytest.raises(ValueError, match=match):
+            op(*args)
+
+
+@pytest.mark.skipif(not has_kernel("space_to_depth", "cpu"), reason="detr_fast._C is not built")
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_space_to_depth_registry_cases(device):
+    results = registry_results("space_to_depth", device, seed=710)
+    assert len({r.case for r in results}) == 4
+    assert all(r.passed for r in results), [r for r in results if not r.passed]
+
+
+@pytest.mark.skipif(not has_kernel("space_to_depth", "cpu"), reason="detr_fast._C is not built")
+def test_space_to_depth_fake_and_opcheck():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(2, 3, 13, 10))
+        out = torch.ops.detr_fast.space_to_depth(x, 7, [3, 3], 16, torch.bfloat16)
+    assert out.shape == (2, 16, 10, 8) and out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 13, 10).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.detr_fast.space_to_depth, (x, 7, [3, 3], 16, torch.bfloat16))
+
+
+@pytest.mark.skipif(not has_kernel("space_to_depth", "cpu"), reason="detr_fast._C is not built")
+def test_stem_takes_the_op_for_a_channels_last_input(monkeypatch):
+    """A channels_last input (the fast path's) builds S with the op, a contiguous one with the torch path; both give
+    the same convolution."""
+    calls = []
+    real = torch.ops.detr_fast.space_to_depth
+
+    def spy(*args):
+        calls.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        return real(*args)
+
+    monkeypatch.setattr(fold, "space_to_depth", lambda *a: spy(a[0], a[1], list(a[2]), a[3], a[4]))
+    folded = _folded_conv(3, 8, 7, 3, seed=5, dtype=torch.float32)
+    x = torch.randn(2, 3, 21, 18)
+    with torch.no_grad():
+        plain = folded(x)
+        cl = folded(x.contiguous(memory_format=torch.channels_last))
+    assert calls == [True]
+    torch.testing.assert_close(cl, plain, rtol=1e-5, atol=1e-5)

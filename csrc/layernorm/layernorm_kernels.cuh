@@ -395,16 +395,20 @@ __global__ void __launch_bounds__(block_threads<TPR>()) ln_backward_kernel(BwdPa
   }
 }
 
-// Stage 2: dw[c] = sum over groups of partial[g, 0, c], db[c] likewise; a 32 x 8 block per 32 columns.
+// Stage 2: dw[c] = sum over groups of partial[g, 0, c], db[c] likewise; a 32 x 32 block per 32 columns (d / 32
+// blocks: 8 for DETR's d = 256, so each block needs many rows in flight to hide the partials' load latency; with
+// 32 x 8 threads each looped over a quarter as many groups four times as long).
+constexpr int kColRows = 32;
+
 template <typename acc_t>
-__global__ void __launch_bounds__(256) ln_column_sum_kernel(const acc_t* partial, int64_t groups, int64_t d,
-                                                            acc_t* dw, acc_t* db) {
-  __shared__ acc_t sw[8][33], sb[8][33];
+__global__ void __launch_bounds__(32 * kColRows) ln_column_sum_kernel(const acc_t* partial, int64_t groups, int64_t d,
+                                                                     acc_t* dw, acc_t* db) {
+  __shared__ acc_t sw[kColRows][33], sb[kColRows][33];
   const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + tx;
   acc_t aw = 0, ab = 0;
   if (c < d) {
-    for (int64_t g = ty; g < groups; g += 8) {
+    for (int64_t g = ty; g < groups; g += kColRows) {
       aw += partial[g * 2 * d + c];
       ab += partial[g * 2 * d + d + c];
     }
@@ -413,7 +417,7 @@ __global__ void __launch_bounds__(256) ln_column_sum_kernel(const acc_t* partial
   sb[ty][tx] = ab;
   __syncthreads();
   if (ty == 0 && c < d) {
-    for (int i = 1; i < 8; ++i) {
+    for (int i = 1; i < kColRows; ++i) {
       aw += sw[i][tx];
       ab += sb[i][tx];
     }
@@ -604,7 +608,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ln_backward(
       prm.partial = partial.data_ptr();
       launch_kernel(ln_backward_kernel<scalar_t, x_t, TPR, NV>, dim3(static_cast<unsigned>(blocks)),
                     dim3(block_threads<TPR>()), ctx.stream, prm);
-      launch_kernel(ln_column_sum_kernel<acc_t>, dim3(static_cast<unsigned>((d + 31) / 32)), dim3(256), ctx.stream,
+      launch_kernel(ln_column_sum_kernel<acc_t>, dim3(static_cast<unsigned>((d + 31) / 32)), dim3(32 * kColRows),
+                    ctx.stream,
                     partial.const_data_ptr<acc_t>(), groups, d, dw.mutable_data_ptr<acc_t>(),
                     db.mutable_data_ptr<acc_t>());
     });

@@ -50,7 +50,7 @@ j = 2b + s gives sum_{a,b<4} sum_{r,s<2} W8[2a + r, 2b + s] x'[2(y + a) + r, 2(x
 of S[(c, r, s)][Y, X] = x'[2Y + r, 2X + s] (12 channels, padded with zeros to 16) with W'[(c, r, s)][a, b] =
 W8[c, 2a + r, 2b + s]. The rows and columns S holds beyond those the plain convolution reads meet only W8's zero
 row and column. The same products, summed in another order; cuDNN runs K = 256 as an aligned implicit GEMM where
-3 channels give it a poor kernel.
+3 channels give it a poor kernel. S of a channels_last input is built in one pass by detr_fast.ops.space_to_depth.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from detr_fast.models.cast import autocast_dtype, channels_last, flatten, unflatten
-from detr_fast.ops import bias_act, relu_backward_sum
+from detr_fast.ops import bias_act, reference, relu_backward_sum, space_to_depth
 from detr_fast.ops.bias_act import bias_grad
 from detr_fast.ops.scale import ScaleMany
 
@@ -117,6 +117,12 @@ def _fold_trainable(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return w * scale if dtype == w.dtype else _ScaleCast.apply(w, scale, dtype)
 
 
+# model.stem_space_to_depth builds the space-to-depth input of a channels_last x with detr_fast.ops.space_to_depth,
+# one pass (True), or, as when it was first timed, with a zero fill and four strided copies (False: kept for
+# benchmarks/bench_step.py's comparison; the values are the same bit for bit)
+S2D_KERNEL = True
+
+
 def s2d_fits(weight: torch.Tensor, stride, padding, dilation, groups: int) -> bool:
     """Whether a convolution is one stem_space_to_depth rewrites: stride (2, 2), dilation 1, groups 1, a square odd
     kernel and explicit padding."""
@@ -129,37 +135,6 @@ def _s2d_channels(c: int) -> int:
     """The space-to-depth channel count for c input channels: 4 * c rounded up to a multiple of 8 (16-byte pixels in
     bf16 channels_last)."""
     return -(-4 * c // 8) * 8
-
-
-def s2d_input(x: torch.Tensor, k: int, padding: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
-    """The space-to-depth S of x [B, C, H, W] for a stride-2 convolution with kernel k (odd) and padding (ph, pw):
-    S[:, c * 4 + r * 2 + s, Y, X] = x'[:, c, 2Y + r, 2X + s], x' being x zero-padded by ph on top and pw on the left
-    (and zero beyond), channels 4C..Cs zero. S is [B, Cs, Ho + k' - 1, Wo + k' - 1] in dtype and x's layout
-    (k' = (k + 1) // 2, Ho and Wo the stride-2 output's size): one zero fill and one strided copy (and cast) per
-    parity (r, s), fixed shapes only (CUDA-graph capturable)."""
-    b, c, h, w = x.shape
-    kh = (k + 1) // 2
-    (ph, pw) = padding
-    hs, ws = (h + 2 * ph - k) // 2 + kh, (w + 2 * pw - k) // 2 + kh
-    fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
-    out = torch.empty((b, _s2d_channels(c), hs, ws), dtype=dtype, device=x.device, memory_format=fmt)
-    out.zero_()
-
-    def span(p: int, r: int, n: int, size: int) -> tuple[int, int, int]:
-        """(first S index, its source row or column in x, count) of the S rows (columns) of parity r that fall
-        inside x: those Y with 0 <= 2Y + r - p < n, Y < size."""
-        y0 = max(0, (p - r + 1) // 2)
-        src0 = 2 * y0 + r - p  # 0 or 1
-        return y0, src0, min(size - y0, (n - src0 + 1) // 2)
-
-    for r in (0, 1):
-        y0, row0, ny = span(ph, r, h, hs)
-        for s in (0, 1):
-            x0, col0, nx = span(pw, s, w, ws)
-            if ny > 0 and nx > 0:
-                out[:, r * 2 + s:4 * c:4, y0:y0 + ny, x0:x0 + nx].copy_(
-                    x[:, :, row0:row0 + 2 * ny - 1:2, col0:col0 + 2 * nx - 1:2])
-    return out
 
 
 def s2d_weight(weight: torch.Tensor, as_channels_last: bool) -> torch.Tensor:
@@ -281,7 +256,11 @@ class FoldedConv2d(nn.Module):
             w2 = self._cached("s2d_weight", (_key(weight), cl), (weight,), lambda: s2d_weight(weight, cl))
         else:
             w2 = s2d_weight(weight, cl)
-        return s2d_input(x, k, self.padding, autocast_dtype(x, self.weight)), w2
+        dtype, cs = autocast_dtype(x, self.weight), _s2d_channels(x.shape[1])
+        if cl and S2D_KERNEL:  # our kernel: one pass, 16-byte stores (channels_last output)
+            return space_to_depth(x, k, self.padding, cs, dtype), w2
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        return reference.space_to_depth(x, k, self.padding, cs, dtype, fmt), w2
 
     def _operands(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
         """(input, weight, stride, padding) the convolution runs on: the space-to-depth form where it applies (it

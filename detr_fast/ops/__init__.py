@@ -7,10 +7,11 @@ from detr_fast.ops.attention import attention
 from detr_fast.ops.bias_act import bias_act, relu_backward_sum
 from detr_fast.ops.box import box_loss, matching_cost
 from detr_fast.ops.layernorm import add_dropout_layernorm, relu_dropout
-from detr_fast.ops.pool import max_pool2d_nhwc
+from detr_fast.ops.pool import max_pool2d_nhwc, space_to_depth
 from detr_fast.ops.scale import scale_many
 
 __all__ = ["matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "relu_dropout",
            "bias_act", "relu_backward_sum", "scale_many", "max_pool2d_nhwc",
+           "space_to_depth",
            "reference",
            "backends", "extension_loaded", "has_kernel"]

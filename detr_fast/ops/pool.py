@@ -1,4 +1,5 @@
-"""detr_fast.ops.max_pool2d_nhwc: a max pool of a channels_last tensor, forward only.
+"""detr_fast.ops.max_pool2d_nhwc: a max pool of a channels_last tensor, forward only; and space_to_depth, the input of
+the stem convolution rewritten as a stride-1 one (model.stem_space_to_depth; see its function).
 
     out = max_pool2d_nhwc(x, kernel=(3, 3), stride=(2, 2), padding=(1, 1))    x [N, C, H, W] channels_last
 
@@ -23,6 +24,7 @@ from detr_fast.ops import reference
 from detr_fast.ops._ext import extension_loaded, has_kernel, warn_fallback
 
 _HAS_KERNEL = {dev: has_kernel("max_pool2d_nhwc", dev) for dev in ("cpu", "cuda")}
+_HAS_S2D = {dev: has_kernel("space_to_depth", dev) for dev in ("cpu", "cuda")}
 
 
 def _pair(v) -> list:
@@ -37,6 +39,19 @@ def max_pool2d_nhwc(x: torch.Tensor, kernel=3, stride=2, padding=1) -> torch.Ten
             warn_fallback("max_pool2d_nhwc", f"no max_pool2d_nhwc kernel built for device {x.device.type}")
         return reference.max_pool2d_nhwc(x, k, s, p)
     return torch.ops.detr_fast.max_pool2d_nhwc(x, k, s, p)
+
+
+def space_to_depth(x: torch.Tensor, kernel: int, padding, channels: int, dtype: torch.dtype) -> torch.Tensor:
+    """The space-to-depth input S [B, channels, Hs, Ws] (channels_last, dtype) of a stride-2 convolution of x
+    [B, C, H, W] (any strides) with an odd kernel and padding: S[b, 4c + 2r + s, Y, X] = x[b, c, 2Y + r - ph,
+    2X + s - pw], zero outside x and in channels 4C and up (reference.space_to_depth). One pass: each output pixel's
+    channels gathered and written as 16-byte vectors. The frozen stem of model.stem_space_to_depth; forward only."""
+    p = _pair(padding)
+    if not _HAS_S2D.get(x.device.type, False):
+        if x.device.type in ("cpu", "cuda"):
+            warn_fallback("space_to_depth", f"no space_to_depth kernel built for device {x.device.type}")
+        return reference.space_to_depth(x, int(kernel), p, int(channels), dtype)
+    return torch.ops.detr_fast.space_to_depth(x, int(kernel), p, int(channels), dtype)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -74,5 +89,17 @@ def _register() -> None:
         return x.new_empty((x.shape[0], x.shape[1], ho, wo)).contiguous(memory_format=torch.channels_last)
 
 
+def _register_s2d() -> None:
+    @torch.library.register_fake("detr_fast::space_to_depth")
+    def _fake(x, kernel, padding, channels, dtype):
+        torch._check(x.dim() == 4, lambda: "space_to_depth: x must be [B, C, H, W]")
+        half = (kernel + 1) // 2
+        hs = (x.shape[2] + 2 * padding[0] - kernel) // 2 + half
+        ws = (x.shape[3] + 2 * padding[1] - kernel) // 2 + half
+        return x.new_empty((x.shape[0], channels, hs, ws), dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
 if extension_loaded() and hasattr(torch.ops.detr_fast, "max_pool2d_nhwc"):
     _register()
+if extension_loaded() and hasattr(torch.ops.detr_fast, "space_to_depth"):
+    _register_s2d()

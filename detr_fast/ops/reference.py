@@ -284,3 +284,37 @@ def max_pool2d_nhwc(x, kernel, stride, padding):
         raise ValueError(f"x must have shape [N, C, H, W], got {tuple(x.shape)}")
     out = torch.nn.functional.max_pool2d(x, kernel, stride, padding)
     return out.contiguous(memory_format=torch.channels_last)
+
+
+def space_to_depth(x, kernel, padding, channels, dtype, memory_format=torch.channels_last):
+    """The space-to-depth input of a stride-2 convolution of x [B, C, H, W] with an odd kernel and padding (ph, pw):
+    S [B, channels, Hs, Ws] in dtype and memory_format, S[b, 4c + 2r + s, Y, X] = x[b, c, 2Y + r - ph, 2X + s - pw]
+    (zero outside x and in channels 4C and up), Hs = (H + 2 ph - kernel) // 2 + (kernel + 1) // 2 (Ws alike). The
+    stride-2 convolution is then a stride-1, unpadded one over S with a (kernel + 1) // 2 kernel. One zero fill and
+    one strided copy (with the cast) per parity (r, s)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [B, C, H, W], got {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    ph, pw = padding
+    if kernel < 1 or kernel % 2 == 0 or h + 2 * ph < kernel or w + 2 * pw < kernel or channels < 4 * c:
+        raise ValueError(f"space_to_depth: bad kernel {kernel}, padding {padding} or channels {channels} for "
+                         f"{tuple(x.shape)}")
+    half = (kernel + 1) // 2
+    hs, ws = (h + 2 * ph - kernel) // 2 + half, (w + 2 * pw - kernel) // 2 + half
+    out = torch.zeros((b, channels, hs, ws), dtype=dtype, device=x.device).contiguous(memory_format=memory_format)
+
+    def span(p: int, r: int, n: int, size: int) -> tuple[int, int, int]:
+        """(first S index, its source index in x, count) along a dimension: the S positions Y of parity r with
+        0 <= 2Y + r - p < n, Y < size."""
+        y0 = max(0, (p - r + 1) // 2)
+        src0 = 2 * y0 + r - p
+        return y0, src0, min(size - y0, (n - src0 + 1) // 2)
+
+    for r in (0, 1):
+        y0, row0, ny = span(ph, r, h, hs)
+        for s in (0, 1):
+            x0, col0, nx = span(pw, s, w, ws)
+            if ny > 0 and nx > 0:
+                out[:, r * 2 + s:4 * c:4, y0:y0 + ny, x0:x0 + nx].copy_(
+                    x[:, :, row0:row0 + 2 * ny - 1:2, col0:col0 + 2 * nx - 1:2])
+    return out

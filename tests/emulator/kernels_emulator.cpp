@@ -1,5 +1,5 @@
 // Host emulation of the CUDA kernels of add_dropout_layernorm (forward, backward, mask), relu_dropout (forward,
-// backward), bias_act, relu_backward_sum, scale_many, max_pool2d_nhwc, linear_assignment, matching_cost and box_loss (forward,
+// backward), bias_act, relu_backward_sum, scale_many, max_pool2d_nhwc, space_to_depth, linear_assignment, matching_cost and box_loss (forward,
 // backward), for machines without a GPU (CI among them): the *_kernels.cuh headers of csrc/layernorm,
 // csrc/bias_act, csrc/scale, csrc/pool, csrc/assignment and csrc/box_ops compiled for the host on top of
 // tests/emulator/cuda_host.h. The launchers of those headers run as the device build runs them (dtype dispatch,
@@ -15,6 +15,7 @@
 #include "box_ops/box_ops_kernels.cuh"
 #include "layernorm/layernorm_kernels.cuh"
 #include "pool/pool_kernels.cuh"
+#include "pool/s2d_kernels.cuh"
 #include "scale/scale_kernels.cuh"
 
 namespace detr_fast {
@@ -68,6 +69,13 @@ at::Tensor emu_max_pool2d_nhwc(const at::Tensor& x, std::vector<int64_t> kernel,
                                std::vector<int64_t> padding, int64_t sms) {
   const PoolParams p = check_max_pool_nhwc(x, kernel, stride, padding);
   return max_pool_nhwc_launch(x, p, emu_ctx(sms));
+}
+
+// dtype_like: a tensor of the output dtype (a dtype argument without a pybind caster for it)
+at::Tensor emu_space_to_depth(const at::Tensor& x, int64_t kernel, std::vector<int64_t> padding, int64_t channels,
+                              const at::Tensor& dtype_like, int64_t sms) {
+  const S2dParams p = check_space_to_depth(x, kernel, padding, channels, dtype_like.scalar_type());
+  return space_to_depth_launch(x, p, dtype_like.scalar_type(), emu_ctx(sms));
 }
 
 // dtype_like: a tensor of the output dtype (a dtype argument without a pybind caster for it)
@@ -175,6 +183,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sms") = 2);
   m.def("max_pool2d_nhwc", &detr_fast::emu_max_pool2d_nhwc, py::arg("x"), py::arg("kernel"), py::arg("stride"),
         py::arg("padding"), py::arg("sms") = 2);
+  m.def("space_to_depth", &detr_fast::emu_space_to_depth, py::arg("x"), py::arg("kernel"), py::arg("padding"),
+        py::arg("channels"), py::arg("dtype_like"), py::arg("sms") = 2);
   m.def("scale_many", &detr_fast::emu_scale_many, py::arg("xs"), py::arg("scale"), py::arg("dtype_like"),
         py::arg("sms") = 2);
 }
