@@ -28,6 +28,8 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
                 flags again instead of reading those the forward saved (the same values)
   fast_s2d_graph   fast_best_graph (it was fast_best_graph plus model.stem_space_to_depth when that was timed on
                 2026-11-27, before fast_best_graph took it too)
+  fast_serialbwd_graph   fast_best_graph with DETR_FAST_ATTN_CONCURRENT_BWD=0: the attention backward's dQ and dK/dV
+                kernels one after the other on one stream (the same values)
   fast_s2dcopy_graph   fast_best_graph with the stem's space-to-depth input built by a zero fill and four strided
                 copies (as when first timed) instead of the space_to_depth kernel (models/fold.py S2D_KERNEL)
   fast_compile_graph   fast_fused under torch.compile (Inductor), captured as one CUDA graph
@@ -135,6 +137,8 @@ VARIANTS = {
                               tf32=True, compile=False, **FUSIONS, **BEST, graph=True, attn_keep_bits=False),
     "fast_s2d_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                            tf32=True, compile=False, **FUSIONS, **BEST, graph=True),
+    "fast_serialbwd_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
+                                 tf32=True, compile=False, **FUSIONS, **BEST, graph=True, attn_concurrent_bwd=False),
     "fast_s2dcopy_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                                tf32=True, compile=False, **FUSIONS, **BEST, graph=True, s2d_kernel=False),
     "fast_cudnn_perconv_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True,
@@ -498,6 +502,7 @@ def main(argv=None):
         fold.S2D_KERNEL = v.get("s2d_kernel", True)
         # read by each attention forward on the host (so also when a graph is captured)
         os.environ["DETR_FAST_ATTN_KEEP_BITS"] = "1" if v.get("attn_keep_bits", True) else "0"
+        os.environ["DETR_FAST_ATTN_CONCURRENT_BWD"] = "1" if v.get("attn_concurrent_bwd", True) else "0"
         cfg, model, criterion = build(overrides, name, device)
         model.load_state_dict(base_state, strict=True)
         loss = eval_loss(model, criterion, v["amp"], device, images, mask, targets)
@@ -582,6 +587,7 @@ def main(argv=None):
                 json.dump({"environment": environment(device), "batch": [B, H, W], "rows": rows}, f, indent=1)
     fold.TRAINABLE_SCALE_MANY = fold.S2D_KERNEL = True
     os.environ.pop("DETR_FAST_ATTN_KEEP_BITS", None)
+    os.environ.pop("DETR_FAST_ATTN_CONCURRENT_BWD", None)
     cols = ["variant", "ms_per_step", "img_per_s", "x_ref_tf32", "x_ref_compile", "peak_mem_GiB", "syncs_per_step",
             "loss_same_batch"] + (["retried"] if any("retried" in r for r in rows) else []) + (["ops", "compute_ops", "casts"] if a.count_ops else []) + (
             ["mixed_ms_per_step", "mixed_img_per_s", "mixed_x_ref_tf32", "mixed_pad", "mixed_graphs"]

@@ -43,12 +43,13 @@ case "${PROFILE:-all}" in
     DEFAULT_STAGES="wheels build throw_check bench_step charts tests_new dali_check bench_data"
     # the decisive variants first (the stage's time limit keeps what finished): the two references, the fast
     # config's step as a graph (fast_best_graph: conv_fusion, bias_grad_mm, nhwc_pool, residual_grad_fusion,
-    # stem_space_to_depth, each timed as a gain on an H100 on 2026-11-27), then the stem's space-to-depth input built
-    # by copies instead of our kernel (fast_s2dcopy_graph), the attention backward drawing the dropout flags again
+    # stem_space_to_depth, each timed as a gain on an H100 on 2026-11-27), then the attention backward's two kernels
+    # one after the other (fast_serialbwd_graph), the stem's space-to-depth input built by copies instead of our
+    # kernel (fast_s2dcopy_graph), the attention backward drawing the dropout flags again
     # instead of reading the saved ones (fast_nobits_graph), the previous configs' steps
     # (fast_cudnn_graph) and, last, the fast step under torch.compile, whose compile time is the least certain
-    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_best_graph,fast_s2dcopy_graph,fast_nobits_graph,fast_cudnn_graph
-    DEFAULT_VARIANTS+=,fast_compile_graph
+    DEFAULT_VARIANTS=ref_tf32,ref_compile,fast_best_graph,fast_serialbwd_graph,fast_s2dcopy_graph,fast_nobits_graph
+    DEFAULT_VARIANTS+=,fast_cudnn_graph,fast_compile_graph
     # and training throughput over batches of different shapes (the graph variant pads them to fixed sizes)
     DEFAULT_MIXED=6 DEFAULT_MIXED_VARIANTS=ref_tf32,fast_best_graph
     DEFAULT_DEADLINE=470 ;;

@@ -354,3 +354,43 @@ def test_backward_materializes_no_zero_gradients():
     zero_fills = {n: c.ops[n] for n in ("zeros", "zeros_like", "new_zeros", "fill_", "zero_") if c.ops[n]}
     assert not zero_fills, zero_fills
     assert all(t.grad is not None for t in (q, k, v, x, r, w, b))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("graph", (False, True))
+def test_cuda_backward_streams_and_saved_flags_change_nothing(monkeypatch, graph):
+    """The bf16 backward with dQ on a second stream beside dK/dV (the default), both on one stream
+    (DETR_FAST_ATTN_CONCURRENT_BWD=0), and with the dropout flags drawn again instead of read
+    (DETR_FAST_ATTN_KEEP_BITS=0): the same gradients bit for bit, eagerly and replayed from a CUDA graph, for the
+    decoder's shapes (100 queries against 1050 padded keys) and an encoder-like self-attention."""
+    gen = torch.Generator().manual_seed(21)
+    for (Lq, Lk) in ((100, 1050), (333, 333)):
+        q, k, v, mask = make_inputs(2, 8, Lq, Lk, 32, "cpu", torch.bfloat16, gen, "random")
+        go = torch.randn(q.shape, generator=gen).to(torch.bfloat16).cuda()
+        q, k, v, mask = (t.cuda() for t in (q, k, v, mask))
+        results = []
+        for concurrent, bits in (("1", "1"), ("0", "1"), ("1", "0")):
+            monkeypatch.setenv("DETR_FAST_ATTN_CONCURRENT_BWD", concurrent)
+            monkeypatch.setenv("DETR_FAST_ATTN_KEEP_BITS", bits)
+            qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+            def run():
+                out = attention_with_state(qq, kk, vv, mask, 0.2, seed=77, offset=4)[0]
+                return torch.autograd.grad(out, (qq, kk, vv), go)
+
+            if graph:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run()  # warm-up outside the capture
+                torch.cuda.current_stream().wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    grads = run()
+                g.replay()
+                torch.cuda.synchronize()
+                results.append([t.clone() for t in grads])
+            else:
+                results.append(run())
+        for other in results[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(results[0], other))

@@ -34,6 +34,13 @@ inline bool attn_keep_bits_enabled() {
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
+// Whether the tensor-core CUDA backward runs its dQ kernel on a second stream beside dK/dV: on unless the environment
+// sets DETR_FAST_ATTN_CONCURRENT_BWD=0 (benchmarks/bench_step.py's comparison; the same values either way).
+inline bool attn_concurrent_backward() {
+  const char* env = std::getenv("DETR_FAST_ATTN_CONCURRENT_BWD");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& mask, double dropout_p) {
   check_dim(q, 4, "attention: q");

@@ -9,6 +9,11 @@
 
 #include <cstdint>
 
+#ifndef DETR_ATTN_EMULATE
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace detr_fast {
 namespace dev {
 
@@ -48,4 +53,48 @@ __device__ __forceinline__ void mma16816<__half>(float c[4], const uint32_t a[4]
 #endif
 
 }  // namespace dev
+
+// A second stream beside `main` for work independent of what `main` runs next (the dQ kernel beside dK/dV): forked
+// from `main` at construction (the side stream waits for everything issued on `main` so far) and joined back at
+// destruction (`main` waits for everything issued on the side stream), so callers see one stream's ordering; inside a
+// CUDA-graph capture the two become parallel branches of the graph. With fork = false, or in the host emulator, the
+// side stream is `main` itself.
+#ifndef DETR_ATTN_EMULATE
+class AttnSideStream {
+ public:
+  AttnSideStream(cudaStream_t main, bool fork) : main_(main) {
+    if (!fork) return;
+    side_ = c10::cuda::getStreamFromPool().stream();
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(fork_, main_));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side_, fork_, 0));
+  }
+  AttnSideStream(const AttnSideStream&) = delete;
+  AttnSideStream& operator=(const AttnSideStream&) = delete;
+  ~AttnSideStream() {
+    if (side_ == nullptr) return;
+    C10_CUDA_CHECK_WARN(cudaEventRecord(join_, side_));
+    C10_CUDA_CHECK_WARN(cudaStreamWaitEvent(main_, join_, 0));
+    C10_CUDA_CHECK_WARN(cudaEventDestroy(fork_));  // released once the recorded work completes
+    C10_CUDA_CHECK_WARN(cudaEventDestroy(join_));
+  }
+  cudaStream_t stream() const { return side_ != nullptr ? side_ : main_; }
+
+ private:
+  cudaStream_t main_;
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+};
+#else
+class AttnSideStream {  // the emulator runs every launch to completion in order: one stream is enough
+ public:
+  AttnSideStream(cudaStream_t main, bool) : main_(main) {}
+  cudaStream_t stream() const { return main_; }
+
+ private:
+  cudaStream_t main_;
+};
+#endif
+
 }  // namespace detr_fast

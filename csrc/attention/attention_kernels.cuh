@@ -4,8 +4,9 @@
 // the running max / sum and the output accumulator in registers while it walks over 64-key blocks of K and V
 // staged in shared memory (online softmax in base 2). Nothing of size Lq x Lk reaches global memory; the
 // log-sum-exp of each query row is saved for the backward.
-// Backward: dQ kernel per 64-query block (also writes delta = rowsum(dO * O)), then a dK/dV kernel per 64-key
-// block that walks over the query blocks; both recompute P = exp(s - lse) tile by tile. No atomics: dQ, dK and dV
+// Backward: a small kernel writes delta = rowsum(dO * O); then a dQ kernel per 64-query block and, concurrently on a
+// second stream, a dK/dV kernel per 64-key block that walks over the query blocks; both recompute P = exp(s - lse)
+// tile by tile and read the dropout flags the forward saved (else draw them again). No atomics: dQ, dK and dV
 // are each owned by one CTA, so the results are deterministic. Key tiles whose keys are all padded are skipped
 // (they contribute exactly nothing), which saves the padded part of DETR's batches.
 //
@@ -26,6 +27,7 @@
 #include <ATen/cuda/PhiloxUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 
+#include "attention/attention_common.h"
 #include "attention/attention_cuda.cuh"
 #include "attention/attention_device.cuh"
 #include "common/launch.cuh"
@@ -268,6 +270,38 @@ __device__ __forceinline__ float lse2_of(const AttnParams& p, int64_t bh, int ro
   return l == -INFINITY ? INFINITY : l * kLog2e;
 }
 
+// delta[bh, row] = rowsum(dO * O) with O in fp32 (the forward's unrounded output), for both backward kernels: two
+// threads per row, D / 2 elements each, kThreads / 2 rows per block.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attn_delta_kernel(const AttnParams p) {
+  const int tid = threadIdx.x, half = tid % 2;
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kThreads / 2) + tid / 2;  // (bh, row) flattened
+  const int64_t bh = r / p.Lq;
+  const int row = static_cast<int>(r % p.Lq);
+  float acc = 0.f;
+  if (bh < static_cast<int64_t>(p.B) * p.H) {
+    const int64_t base = (bh / p.H) * p.oq_sb + (bh % p.H) * p.oq_sh + static_cast<int64_t>(row) * p.oq_sl;
+    const T* dob = static_cast<const T*>(p.dout) + base;
+    const float* ob = p.o + base;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      const int d = half * (D / 2) + c * 8;
+      const uint4 a = dev::ldg16(dob + d);
+      const uint4 o0 = dev::ldg16(ob + d), o1 = dev::ldg16(ob + d + 4);
+      const T* ea = reinterpret_cast<const T*>(&a);
+      const float* eo0 = reinterpret_cast<const float*>(&o0);
+      const float* eo1 = reinterpret_cast<const float*>(&o1);
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        acc = fmaf(to_float<T>(ea[x]), eo0[x], acc);
+        acc = fmaf(to_float<T>(ea[x + 4]), eo1[x], acc);
+      }
+    }
+  }
+  acc += dev::shfl_xor(acc, 1);
+  if (half == 0 && bh < static_cast<int64_t>(p.B) * p.H) p.delta[r] = acc;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams p) {
   constexpr int DP = D + 8, NP = kBlockN + 8, KD = D / 16;
@@ -287,36 +321,14 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const AttnParams 
   const int64_t row_base = static_cast<int64_t>(bh) * p.Lq;  // lse and delta rows
   const int64_t obase = static_cast<int64_t>(b) * p.oq_sb + static_cast<int64_t>(h) * p.oq_sh;
   const T* dob = static_cast<const T*>(p.dout) + obase;
-  const float* ob = p.o + obase;
   const uint64_t seed = static_cast<uint64_t>(p.rng_in[0]), offset = static_cast<uint64_t>(p.rng_in[1]);
 
   load_tile<T, kBlockM, D>(qb, p.q_sl, m0, p.Lq, Ks, nullptr);
   load_tile<T, kBlockM, D>(dob, p.oq_sl, m0, p.Lq, Vs, nullptr);
-  {  // delta = rowsum(dO * O) with O in fp32: two threads per row, D / 2 elements each
-    const int r = tid / 2, half = tid % 2, row = m0 + r;
-    float acc = 0.f;
-    if (row < p.Lq) {
-#pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        const int64_t d = static_cast<int64_t>(row) * p.oq_sl + half * (D / 2) + c * 8;
-        const uint4 a = dev::ldg16(dob + d);
-        const uint4 o0 = dev::ldg16(ob + d), o1 = dev::ldg16(ob + d + 4);
-        const T* ea = reinterpret_cast<const T*>(&a);
-        const float* eo0 = reinterpret_cast<const float*>(&o0);
-        const float* eo1 = reinterpret_cast<const float*>(&o1);
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          acc = fmaf(to_float<T>(ea[x]), eo0[x], acc);
-          acc = fmaf(to_float<T>(ea[x + 4]), eo1[x], acc);
-        }
-      }
-    }
-    acc += dev::shfl_xor(acc, 1);
-    if (half == 0) {
-      delta_s[r] = acc;
-      lse_s[r] = lse2_of(p, bh, row);
-      if (row < p.Lq) p.delta[row_base + row] = acc;
-    }
+  if (tid < kBlockM) {  // delta = rowsum(dO * O), from attn_delta_kernel
+    const int row = m0 + tid;
+    delta_s[tid] = row < p.Lq ? p.delta[row_base + row] : 0.f;
+    lse_s[tid] = lse2_of(p, bh, row);
   }
   dev::block_sync();
   uint32_t qa[KD][4], da[KD][4];
@@ -570,7 +582,18 @@ void attn_launch_backward(const AttnParams& p, cudaStream_t stream) {
   const int64_t bh = static_cast<int64_t>(p.B) * p.H;
   const unsigned dq_blocks = attn::grid_blocks(bh, p.Lq, attn::kBlockM);
   const unsigned dkdv_blocks = attn::grid_blocks(bh, p.Lk, attn::kBlockN);
-  if (dq_blocks > 0) launch_kernel(attn::attn_bwd_dq_kernel<T, D>, dim3(dq_blocks), dim3(attn::kThreads), stream, p);
+  const unsigned delta_blocks = attn::grid_blocks(1, bh * p.Lq, attn::kThreads / 2);
+  if (delta_blocks > 0) {
+    launch_kernel(attn::attn_delta_kernel<T, D>, dim3(delta_blocks), dim3(attn::kThreads), stream, p);
+  }
+  // dQ and dK/dV read delta and write disjoint outputs: dQ runs on a side stream beside dK/dV, which rejoins before
+  // this returns (also inside a CUDA-graph capture, where the two become parallel branches). The dQ grid of a short
+  // query set (DETR's decoder: 100 queries, 128 blocks walking all key tiles) then hides behind dK/dV, and each
+  // fills the other's last wave. Nothing is read back to the host.
+  AttnSideStream side(stream, dq_blocks > 0 && dkdv_blocks > 0 && attn_concurrent_backward());
+  if (dq_blocks > 0) {
+    launch_kernel(attn::attn_bwd_dq_kernel<T, D>, dim3(dq_blocks), dim3(attn::kThreads), side.stream(), p);
+  }
   if (dkdv_blocks > 0) {
     launch_kernel(attn::attn_bwd_dkdv_kernel<T, D>, dim3(dkdv_blocks), dim3(attn::kThreads), stream, p);
   }
