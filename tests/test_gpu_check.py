@@ -45,6 +45,23 @@ def test_first_profile_times_the_step_right_after_the_build(tmp_path):
     assert tests_new.index("test_graphs.py") < tests_new.index("test_assignment.py")  # graph tests first
 
 
+def test_default_check_profile_covers_the_issue_within_8_minutes(tmp_path):
+    """The default profile: the step benchmark (both references, the fast config's graphed step, fixed and mixed
+    shapes) first, then all CUDA tests, the kernel benchmarks, charts and DALI, under the 470 s deadline."""
+    stages, commands, out = plan(tmp_path, DEADLINE="0")
+    assert "PROFILE=check" in out
+    names = [n for n, _ in stages]
+    assert names[:3] == ["wheels", "build", "bench_step"]
+    assert names.index("tests") < names.index("bench_ops") < names.index("charts")
+    step = next(c for c in commands if "bench_step.py" in c)
+    assert "--variants ref_tf32,ref_compile,fast_best_graph " in step
+    assert "--mixed 6 --mixed-variants ref_tf32,fast_best_graph" in step
+    tests = next(c for c in commands if "-m pytest" in c)
+    assert tests.rstrip().endswith(" tests") and "-m needs_cuda" in tests
+    _, _, out = plan(tmp_path)
+    assert "DEADLINE=470s" in out
+
+
 def test_second_profile_starts_with_the_compiled_reference(tmp_path):
     stages, commands, _ = plan(tmp_path, PROFILE="second", DEADLINE="0")
     assert [n for n, _ in stages][:2] == ["build", "bench_step"]
@@ -73,7 +90,7 @@ def test_no_deadline_runs_every_stage_of_the_full_profile(tmp_path):
     assert {"build", "validate", "tests", "bench_ops", "bench_step", "charts"} <= {n for n, _ in stages}
 
 
-@pytest.mark.parametrize("profile", ["first", "second", "all"])
+@pytest.mark.parametrize("profile", ["check", "first", "second", "all"])
 def test_every_file_a_stage_names_exists(tmp_path, profile):
     _, commands, _ = plan(tmp_path, PROFILE=profile, DEADLINE="0")
     named = {p for c in commands for p in re.findall(r"\b((?:benchmarks|tests)/[\w/]+\.py)\b", c)}
