@@ -67,3 +67,18 @@ def registry_results(op: str, device: str, seed: int) -> list:
 
     found = [c for c in cases(op=op, device=device) if "bench" not in c.tags]
     return [run_case(case, device, dtype, seed=seed + i) for i, case in enumerate(found) for dtype in case.dtypes]
+
+
+def randomize_frozen_bn(module, seed: int) -> None:
+    """Frozen statistics away from the identity in every FrozenBatchNorm2d of module (folded ones included): weights
+    in [0.5, 1.5), small biases and means, variances in [0.5, 1.5)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.shape[0]
+            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)

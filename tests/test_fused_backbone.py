@@ -5,8 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import OpCounter
-from torchvision.ops.misc import FrozenBatchNorm2d
+from helpers import OpCounter, randomize_frozen_bn
 
 from detr_fast.config import ConfigError, load_config
 from detr_fast.criterion import build_criterion
@@ -17,23 +16,11 @@ from detr_fast.models.fold import BiasActBlock, FoldedConv2d, fold_frozen_bn, fu
 pytestmark = pytest.mark.filterwarnings("ignore:detr_fast.ops.bias_act")
 
 
-def _randomize_bn(module, seed):
-    """Non-trivial frozen statistics in every FrozenBatchNorm2d (folded ones included)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            c = m.weight.shape[0]
-            m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-
-
 def _trunks(name, dtype, channels_last=False):
     """(plain, folded, folded + fused) trunks with the same weights and random BN statistics."""
     torch.manual_seed(0)
     plain = Backbone(name, train_backbone=True, frozen_bn=True).body
-    _randomize_bn(plain, 1)
+    randomize_frozen_bn(plain, 1)
     folded = copy.deepcopy(plain)
     fold_frozen_bn(folded)
     fused = copy.deepcopy(folded)
@@ -118,7 +105,7 @@ def test_detr_with_fused_bias_act_equals_plain():
     fused = build_detr(_small_detr(True)).double()
     assert sum(isinstance(m, BiasActBlock) for m in fused.modules()) == 8
     assert not any(isinstance(m, BiasActBlock) for m in plain.modules())
-    _randomize_bn(plain, 3)
+    randomize_frozen_bn(plain, 3)
     assert fused.state_dict().keys() == plain.state_dict().keys()
     fused.load_state_dict(plain.state_dict(), strict=True)
     plain.load_state_dict(fused.state_dict(), strict=True)  # and back
@@ -150,9 +137,9 @@ def test_cache_follows_state_dict_dtype_and_in_place_writes():
     """The cached scale, shift and folded frozen weights are recomputed whenever their sources change."""
     torch.manual_seed(0)
     plain = Backbone("resnet18", train_backbone=True, frozen_bn=True).body
-    _randomize_bn(plain, 1)
+    randomize_frozen_bn(plain, 1)
     other = copy.deepcopy(plain)
-    _randomize_bn(other, 7)
+    randomize_frozen_bn(other, 7)
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(1.5)
@@ -195,7 +182,7 @@ def test_cache_follows_state_dict_dtype_and_in_place_writes():
 def test_cache_survives_inference_mode_and_is_bypassed_when_compiling(monkeypatch):
     torch.manual_seed(0)
     body = Backbone("resnet18", train_backbone=True, frozen_bn=True).body
-    _randomize_bn(body, 1)
+    randomize_frozen_bn(body, 1)
     fold_frozen_bn(body)
     fuse_bias_act(body)
     x = torch.randn(1, 3, 35, 41)
@@ -287,7 +274,7 @@ def test_conv_fusion_marks_the_trunk_and_leaves_the_cpu_path_alone():
     sets = _small_detr(True)
     sets.model.conv_fusion = True
     fused = build_detr(sets).double()
-    _randomize_bn(plain, 6)
+    randomize_frozen_bn(plain, 6)
     fused.load_state_dict(plain.state_dict(), strict=True)
     marked = [n for n, m in fused.named_modules() if getattr(m, "cudnn_fusion", False)]
     assert len(marked) == 1 + 8 * 2 and not any("downsample" in n for n in marked)  # resnet18: the stem, 8 blocks

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cpu_and_cuda, registry_results
+from helpers import cpu_and_cuda, randomize_frozen_bn, registry_results
 from torchvision.models import resnet18
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -45,24 +45,12 @@ def _folded_conv(c_in, c_out, k, padding, seed, dtype=torch.float64):
     return folded
 
 
-def _random_bn(module, seed):
-    """Frozen statistics away from the identity in every FrozenBatchNorm2d of module (folded ones included)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            c = m.weight.shape[0]
-            m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-
-
 def _trunks(name, dtype, fused=False):
     """(unmarked, marked) folded ResNet trunks with the same weights and random frozen statistics; fused: after
     fuse_bias_act and fuse_conv_relu."""
     torch.manual_seed(0)
     plain = Backbone(name, train_backbone=True, frozen_bn=True).body
-    _random_bn(plain, 1)
+    randomize_frozen_bn(plain, 1)
     fold_frozen_bn(plain)
     if fused:
         fuse_bias_act(plain)
