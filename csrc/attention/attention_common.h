@@ -27,19 +27,19 @@ inline int64_t attn_keep_words(int64_t B, int64_t H, int64_t Lq, int64_t Lk) {
   return B * H * Lq * ((Lk + 63) / 64);
 }
 
-// Whether the tensor-core CUDA forward saves its dropout keep flags for the backward: on unless the environment sets
-// DETR_FAST_ATTN_KEEP_BITS=0 (for benchmarks/bench_step.py's comparison; both ways compute the same values).
-inline bool attn_keep_bits_enabled() {
-  const char* env = std::getenv("DETR_FAST_ATTN_KEEP_BITS");
+// A switch of the environment that is on unless set to "0" (read at each call, so a benchmark can flip it).
+inline bool env_switch_on(const char* name) {
+  const char* env = std::getenv(name);
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
-// Whether the tensor-core CUDA backward runs its dQ kernel on a second stream beside dK/dV: on unless the environment
-// sets DETR_FAST_ATTN_CONCURRENT_BWD=0 (benchmarks/bench_step.py's comparison; the same values either way).
-inline bool attn_concurrent_backward() {
-  const char* env = std::getenv("DETR_FAST_ATTN_CONCURRENT_BWD");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
+// Whether the tensor-core CUDA forward saves its dropout keep flags for the backward (DETR_FAST_ATTN_KEEP_BITS=0:
+// not; for benchmarks/bench_step.py's comparison, both ways compute the same values).
+inline bool attn_keep_bits_enabled() { return env_switch_on("DETR_FAST_ATTN_KEEP_BITS"); }
+
+// Whether the tensor-core CUDA backward runs its dQ kernel on a second stream beside dK/dV
+// (DETR_FAST_ATTN_CONCURRENT_BWD=0: one stream; the same values either way).
+inline bool attn_concurrent_backward() { return env_switch_on("DETR_FAST_ATTN_CONCURRENT_BWD"); }
 
 inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                    const std::optional<at::Tensor>& mask, double dropout_p) {

@@ -21,10 +21,6 @@ DF_HD acc_t bias_act_value(acc_t x, acc_t b, acc_t r, bool relu) {
   return (relu && v < acc_t(0)) ? acc_t(0) : v;
 }
 
-}  // namespace detr_fast
-
-namespace detr_fast {
-
 // One value of detr_fast::relu_backward_sum: the gradient reaching a ReLU's output along two paths (a and b), summed
 // and masked by that output, as autograd's sum followed by threshold_backward(a + b, out, 0) gives it: the sum
 // rounded once to the tensors' dtype (round), then 0 where out <= 0 (a NaN out lets the sum through).

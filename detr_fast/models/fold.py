@@ -140,7 +140,7 @@ def _s2d_channels(c: int) -> int:
 def s2d_weight(weight: torch.Tensor, as_channels_last: bool) -> torch.Tensor:
     """W [C_out, C, k, k] (k odd) -> W' [C_out, Cs, k', k'] with W'[o, c * 4 + r * 2 + s, a, b] = W8[o, c, 2a + r,
     2b + s], W8 being W zero-padded to k + 1 on the bottom and right, channels 4C..Cs zero; the kernel that runs a
-    stride-2 convolution of x with W as a stride-1 one of s2d_input(x) with W'."""
+    stride-2 convolution of x with W as a stride-1 one of space_to_depth(x) with W'."""
     o, c, k, _ = weight.shape
     kh = (k + 1) // 2
     w8 = F.pad(weight, (0, 2 * kh - k, 0, 2 * kh - k))  # [C_out, C, 2k', 2k']: (2a + r, 2b + s)

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 OPS = ("matching_cost", "box_loss", "linear_assignment", "attention", "add_dropout_layernorm", "relu_dropout",
-       "bias_act", "relu_backward_sum", "scale_many", "max_pool2d_nhwc")
+       "bias_act", "relu_backward_sum", "scale_many", "max_pool2d_nhwc", "space_to_depth")
 
 
 @functools.lru_cache(maxsize=None)
