@@ -16,10 +16,16 @@ TRAIN_PROCS ?= $(if $(filter 1,$(HAVE_GPU)),1,2)
 .PHONY: venv build train test clean
 
 venv: $(VENV)/.deps
+# The venv takes about 6.5 GB (torch's CUDA build and its libraries, DALI); a full disk fails the install part-way
+# with pip's "No space left on device", so say so first. --no-cache-dir: no second copy of the wheels in pip's cache.
 $(VENV)/.deps: requirements.txt
+	@free_kb=$$(df -Pk . | awk 'NR==2 {print $$4}'); \
+	if [ "$$free_kb" -lt 7500000 ]; then \
+		echo "make: only $$((free_kb / 1024)) MB free here; the venv needs about 6.5 GB (free some disk and rerun)" >&2; \
+	fi
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q --no-cache-dir --upgrade pip
+	$(BIN)/python -m pip install -q --no-cache-dir -r requirements.txt
 	touch $@
 
 build: venv
