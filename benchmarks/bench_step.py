@@ -26,8 +26,6 @@ A step is forward, set loss with the auxiliary losses, backward, gradient clippi
                 the step of configs/detr_r50_coco_fast.yaml (each timed as a gain, benchmarks/RESULTS.md)
   fast_nobits_graph   fast_best_graph with DETR_FAST_ATTN_KEEP_BITS=0: the attention backward draws the dropout
                 flags again instead of reading those the forward saved (the same values)
-  fast_s2d_graph   fast_best_graph (it was fast_best_graph plus model.stem_space_to_depth when that was timed on
-                2026-11-27, before fast_best_graph took it too)
   fast_serialbwd_graph   fast_best_graph with DETR_FAST_ATTN_CONCURRENT_BWD=0: the attention backward's dQ and dK/dV
                 kernels one after the other on one stream (the same values)
   fast_s2dcopy_graph   fast_best_graph with the stem's space-to-depth input built by a zero fill and four strided
@@ -135,8 +133,6 @@ VARIANTS = {
                             tf32=True, compile=False, **FUSIONS, **BEST, graph=True),
     "fast_nobits_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                               tf32=True, compile=False, **FUSIONS, **BEST, graph=True, attn_keep_bits=False),
-    "fast_s2d_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
-                           tf32=True, compile=False, **FUSIONS, **BEST, graph=True),
     "fast_serialbwd_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
                                  tf32=True, compile=False, **FUSIONS, **BEST, graph=True, attn_concurrent_bwd=False),
     "fast_s2dcopy_graph": dict(kernels="fused", attention="fused", fold_bn=True, channels_last=True, amp="bf16",
